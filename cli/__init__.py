@@ -1,0 +1,1 @@
+"""The ``dsreg`` command: parses options, calls :mod:`registry`, prints. No logic of its own."""

@@ -1,0 +1,31 @@
+"""dsreg: a registry of fine-tuned diffusion checkpoints, stored as Delta-SVD deltas against shared bases."""
+
+from .errors import (
+    AmbiguousBase,
+    BaseMismatch,
+    BaseNotFound,
+    CheckpointError,
+    Conflict,
+    DsregError,
+    IntegrityError,
+    InvalidName,
+    NonFiniteWeights,
+    NotFound,
+    RevisionNotFound,
+    StoreError,
+    SubjectNotFound,
+    UnsafeCheckpoint,
+    UsageError,
+)
+from .records import BaseInfo, CheckoutResult, GroupSummary, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo
+from .registry import Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Registry",
+    "BaseInfo", "CheckoutResult", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
+    "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
+    "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
+    "IntegrityError", "StoreError",
+]

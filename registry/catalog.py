@@ -1,0 +1,590 @@
+"""The catalog: SQLAlchemy tables and the queries over them, on SQLite or Postgres alike.
+
+The schema is created and changed only by the Alembic migrations in ``migrations/``; opening a
+catalog brings it to the newest revision first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError, ProgrammingError, InterfaceError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .config import redact
+from .errors import Conflict, RevisionNotFound, StoreError, SubjectNotFound, BaseNotFound
+from .names import AUTO_PREFIX, Ref, auto_number
+from .records import BaseInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
+
+log = logging.getLogger(__name__)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Model(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class BlobRow(Model):
+    __tablename__ = "blobs"
+    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    raw_size: Mapped[int] = mapped_column(sa.BigInteger)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class BaseRow(Model):
+    __tablename__ = "bases"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    n_tensors: Mapped[int] = mapped_column(sa.Integer)
+    n_params: Mapped[int] = mapped_column(sa.BigInteger)
+    nbytes: Mapped[int] = mapped_column(sa.BigInteger)
+    layout: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class BaseTensorRow(Model):
+    __tablename__ = "base_tensors"
+    base_id: Mapped[int] = mapped_column(sa.ForeignKey("bases.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(512))
+    dtype: Mapped[str] = mapped_column(sa.String(16))
+    shape: Mapped[str] = mapped_column(sa.String(128))
+    tensor_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    blob_digest: Mapped[str] = mapped_column(sa.ForeignKey("blobs.digest"), index=True)
+    __table_args__ = (sa.UniqueConstraint("base_id", "key"),)
+
+
+class SubjectRow(Model):
+    __tablename__ = "subjects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    # The newest revision number: bumped in the push's transaction, which serializes concurrent
+    # pushes to one subject on the row lock and keeps numbers gap-free.
+    latest: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class RevisionRow(Model):
+    __tablename__ = "revisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subject_id: Mapped[int] = mapped_column(sa.ForeignKey("subjects.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(sa.Integer)
+    base_id: Mapped[int] = mapped_column(sa.ForeignKey("bases.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow, index=True)
+    energy: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    factor_dtype: Mapped[str] = mapped_column(sa.String(16))
+    original_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    stored_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    kept_params: Mapped[int] = mapped_column(sa.BigInteger)
+    n_tensors: Mapped[int] = mapped_column(sa.Integer)
+    n_changed: Mapped[int] = mapped_column(sa.Integer)
+    source_digest: Mapped[str] = mapped_column(sa.String(64))
+    source_format: Mapped[str] = mapped_column(sa.String(16))
+    layout: Mapped[str] = mapped_column(sa.Text)
+    __table_args__ = (sa.UniqueConstraint("subject_id", "number"),)
+
+
+class EntryRow(Model):
+    __tablename__ = "entries"
+    revision_id: Mapped[int] = mapped_column(sa.ForeignKey("revisions.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(512))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    dtype: Mapped[str] = mapped_column(sa.String(16))
+    shape: Mapped[str] = mapped_column(sa.String(128))
+    rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    full_rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    rel_error: Mapped[float] = mapped_column(sa.Float)
+    tensor_digest: Mapped[str] = mapped_column(sa.String(64))
+    blob_digest: Mapped[str | None] = mapped_column(sa.ForeignKey("blobs.digest"), nullable=True, index=True)
+
+
+class TagRow(Model):
+    __tablename__ = "tags"
+    subject_id: Mapped[int] = mapped_column(sa.ForeignKey("subjects.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True, index=True)
+    revision_id: Mapped[int] = mapped_column(sa.ForeignKey("revisions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+# ---------------------------------------------------------------- records handed between modules
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    tensor_digest: str
+    blob: str
+    raw_size: int
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    digest: str
+    size: int
+    raw_size: int
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    key: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    rank: int | None
+    full_rank: int | None
+    rel_error: float
+    tensor_digest: str
+    blob: BlobRecord | None
+
+
+@dataclass(frozen=True)
+class NewRevision:
+    subject: str | None
+    base_id: int
+    energy: float | None
+    factor_dtype: str
+    original_bytes: int
+    source_digest: str
+    source_format: str
+    layout: dict
+    entries: tuple[NewEntry, ...]
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    key: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    blob: str | None
+    raw_size: int | None
+    tensor_digest: str
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(json.loads(text))
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # pysqlite's own transaction handling is off so that BEGIN IMMEDIATE (below) takes the write
+    # lock up front: two deferred transactions that both upgrade to writing would deadlock.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_engine(url: str) -> Engine:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(f"invalid catalog URL {redact(url)}: expected an SQLAlchemy URL such as sqlite:///path.db") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    try:
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    except ImportError as exc:
+        raise StoreError(f"catalog {redact(url)} needs a driver that is not installed: {exc}") from None
+
+
+class Catalog:
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str) -> "Catalog":
+        from .migrate import upgrade
+
+        engine = create_engine(url)
+        try:
+            upgrade(engine)
+        except (OperationalError, InterfaceError, ProgrammingError) as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open catalog {redact(url)}: {_db_message(exc)}") from None
+        return cls(engine, url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreError(f"catalog {redact(self.url)}: {_db_message(exc)}") from None
+
+    # ------------------------------------------------------------ blobs
+
+    def known_blobs(self, digests: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self.session() as s:
+            for chunk in _chunks(list(digests), 500):
+                found.update(s.scalars(sa.select(BlobRow.digest).where(BlobRow.digest.in_(chunk))))
+        return found
+
+    def blob_for_tensor(self, tensor_digest: str) -> BlobRecord | None:
+        """An already stored blob holding exactly this base tensor, to share rather than upload again."""
+        with self.session() as s:
+            row = s.execute(
+                sa.select(BlobRow)
+                .join(BaseTensorRow, BaseTensorRow.blob_digest == BlobRow.digest)
+                .where(BaseTensorRow.tensor_digest == tensor_digest)
+                .limit(1)
+            ).scalar_one_or_none()
+            return BlobRecord(row.digest, row.size, row.raw_size) if row else None
+
+    @staticmethod
+    def _ensure_blobs(s: Session, blobs: Sequence[BlobRecord]) -> None:
+        unique = {b.digest: b for b in blobs}
+        existing: set[str] = set()
+        for chunk in _chunks(list(unique), 500):
+            existing.update(s.scalars(sa.select(BlobRow.digest).where(BlobRow.digest.in_(chunk))))
+        for digest, blob in unique.items():
+            if digest not in existing:
+                # A concurrent writer may insert the same digest: a savepoint keeps our transaction alive.
+                try:
+                    with s.begin_nested():
+                        s.add(BlobRow(digest=digest, size=blob.size, raw_size=blob.raw_size))
+                except SAIntegrityError:
+                    pass
+
+    # ------------------------------------------------------------ bases
+
+    def add_base(
+        self, name: str, digest: str, layout: dict, tensors: Sequence[BaseTensor], blobs: Sequence[BlobRecord], nbytes: int
+    ) -> BaseInfo:
+        with self.session() as s:
+            self._ensure_blobs(s, blobs)
+            row = BaseRow(
+                name=name,
+                digest=digest,
+                n_tensors=len(tensors),
+                n_params=sum(numel(t.shape) for t in tensors),
+                nbytes=nbytes,
+                layout=json.dumps(layout),
+            )
+            s.add(row)
+            try:
+                s.flush()
+            except SAIntegrityError:
+                raise Conflict(f"base name {name!r} was taken while adding it; choose another --name") from None
+            s.add_all(
+                BaseTensorRow(
+                    base_id=row.id, position=i, key=t.key, dtype=t.dtype, shape=json.dumps(list(t.shape)),
+                    tensor_digest=t.tensor_digest, blob_digest=t.blob,
+                )
+                for i, t in enumerate(tensors)
+            )
+            return self._base_info(row)
+
+    def base_by_name(self, name: str) -> BaseInfo:
+        with self.session() as s:
+            row = s.scalar(sa.select(BaseRow).where(BaseRow.name == name))
+            if row is None:
+                known = ", ".join(s.scalars(sa.select(BaseRow.name).order_by(BaseRow.name).limit(20))) or "none"
+                raise BaseNotFound(f"no base named {name!r} (registered: {known}); add it with `dsreg base add FILE --name {name}`")
+            return self._base_info(row)
+
+    def base_by_digest(self, digest: str) -> BaseInfo | None:
+        with self.session() as s:
+            row = s.scalar(sa.select(BaseRow).where(BaseRow.digest == digest))
+            return self._base_info(row) if row else None
+
+    def base_id(self, name: str) -> int:
+        with self.session() as s:
+            base_id = s.scalar(sa.select(BaseRow.id).where(BaseRow.name == name))
+        if base_id is None:
+            self.base_by_name(name)  # raises with the list of known bases
+        return base_id
+
+    def bases(self) -> list[BaseInfo]:
+        with self.session() as s:
+            return [self._base_info(r) for r in s.scalars(sa.select(BaseRow).order_by(BaseRow.name))]
+
+    def base_tensors(self, name: str) -> list[BaseTensor]:
+        base_id = self.base_id(name)
+        with self.session() as s:
+            rows = s.execute(
+                sa.select(BaseTensorRow, BlobRow.raw_size)
+                .join(BlobRow, BlobRow.digest == BaseTensorRow.blob_digest)
+                .where(BaseTensorRow.base_id == base_id)
+                .order_by(BaseTensorRow.position)
+            ).all()
+            return [BaseTensor(r.key, r.dtype, _shape(r.shape), r.tensor_digest, r.blob_digest, raw) for r, raw in rows]
+
+    @staticmethod
+    def _base_info(row: BaseRow) -> BaseInfo:
+        return BaseInfo(row.name, row.digest, row.n_tensors, row.n_params, row.nbytes, _aware(row.created_at))
+
+    # ------------------------------------------------------------ revisions
+
+    def commit_revision(self, new: NewRevision) -> RevisionInfo:
+        """Record a pushed revision and its blobs in one transaction: all of it or none."""
+        blobs = [e.blob for e in new.entries if e.blob]
+        with self.session() as s:
+            self._ensure_blobs(s, blobs)
+            subject = self._subject_for_push(s, new.subject)
+            s.execute(sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(latest=SubjectRow.latest + 1))
+            number = s.scalar(sa.select(SubjectRow.latest).where(SubjectRow.id == subject.id))
+            stored = sum({b.digest: b.size for b in blobs}.values())
+            revision = RevisionRow(
+                subject_id=subject.id, number=number, base_id=new.base_id, energy=new.energy,
+                factor_dtype=new.factor_dtype, original_bytes=new.original_bytes, stored_bytes=stored,
+                kept_params=sum(kept_params(e.kind, e.rank, e.shape) for e in new.entries), n_tensors=len(new.entries),
+                n_changed=sum(e.kind != "base" for e in new.entries), source_digest=new.source_digest,
+                source_format=new.source_format, layout=json.dumps(new.layout),
+            )
+            s.add(revision)
+            s.flush()
+            s.add_all(
+                EntryRow(
+                    revision_id=revision.id, position=i, key=e.key, kind=e.kind, dtype=e.dtype,
+                    shape=json.dumps(list(e.shape)), rank=e.rank, full_rank=e.full_rank, rel_error=e.rel_error,
+                    tensor_digest=e.tensor_digest, blob_digest=e.blob.digest if e.blob else None,
+                )
+                for i, e in enumerate(new.entries)
+            )
+            s.flush()
+            return self._revision_info(s, revision, subject.name)
+
+    def _subject_for_push(self, s: Session, name: str | None) -> SubjectRow:
+        if name is not None:
+            row = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name).with_for_update())
+            if row is None:
+                row = self._insert_subject(s, name)
+                if row is None:  # created by a concurrent push since our select
+                    row = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name).with_for_update())
+            return row
+        number = self._max_auto_number(s) + 1
+        while True:
+            row = self._insert_subject(s, f"{AUTO_PREFIX}{number}")
+            if row is not None:
+                return row
+            number += 1
+
+    @staticmethod
+    def _insert_subject(s: Session, name: str) -> SubjectRow | None:
+        row = SubjectRow(name=name, latest=0)
+        try:
+            with s.begin_nested():
+                s.add(row)
+                s.flush()
+        except SAIntegrityError:
+            return None
+        return row
+
+    @staticmethod
+    def _max_auto_number(s: Session) -> int:
+        # The longest, then greatest, name is the largest N (names carry no leading zeros);
+        # a rare odd name only costs a retry in the insert loop.
+        name = s.scalar(
+            sa.select(SubjectRow.name)
+            .where(SubjectRow.name.like(f"{AUTO_PREFIX}%"))
+            .order_by(sa.func.length(SubjectRow.name).desc(), SubjectRow.name.desc())
+            .limit(1)
+        )
+        return (auto_number(name) or 0) if name else 0
+
+    def _subject_row(self, s: Session, name: str) -> SubjectRow:
+        row = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name))
+        if row is None:
+            raise SubjectNotFound(f"no subject named {name!r}; `dsreg ls` lists them")
+        return row
+
+    def _revision_row(self, s: Session, ref: Ref) -> tuple[SubjectRow, RevisionRow]:
+        subject = self._subject_row(s, ref.subject)
+        number = ref.revision if ref.revision is not None else subject.latest
+        row = s.scalar(sa.select(RevisionRow).where(RevisionRow.subject_id == subject.id, RevisionRow.number == number))
+        if row is None:
+            if ref.revision is None:
+                raise RevisionNotFound(f"subject {ref.subject!r} has no revisions left")
+            raise RevisionNotFound(f"subject {ref.subject!r} has no revision {number} (latest is {subject.latest})")
+        return subject, row
+
+    def revision(self, ref: Ref) -> RevisionInfo:
+        with self.session() as s:
+            subject, row = self._revision_row(s, ref)
+            return self._revision_info(s, row, subject.name)
+
+    def revision_layout(self, ref: Ref) -> dict:
+        with self.session() as s:
+            return json.loads(self._revision_row(s, ref)[1].layout)
+
+    def entries(self, ref: Ref) -> list[StoredEntry]:
+        with self.session() as s:
+            _, row = self._revision_row(s, ref)
+            rows = s.execute(
+                sa.select(EntryRow, BlobRow.raw_size)
+                .outerjoin(BlobRow, BlobRow.digest == EntryRow.blob_digest)
+                .where(EntryRow.revision_id == row.id)
+                .order_by(EntryRow.position)
+            ).all()
+            return [StoredEntry(e.key, e.kind, e.dtype, _shape(e.shape), e.blob_digest, raw, e.tensor_digest) for e, raw in rows]
+
+    def tensor_infos(self, ref: Ref) -> list[TensorInfo]:
+        with self.session() as s:
+            _, row = self._revision_row(s, ref)
+            rows = s.execute(
+                sa.select(EntryRow, BlobRow.size)
+                .outerjoin(BlobRow, BlobRow.digest == EntryRow.blob_digest)
+                .where(EntryRow.revision_id == row.id)
+                .order_by(EntryRow.position)
+            ).all()
+            return [
+                TensorInfo(e.key, e.kind, e.dtype, _shape(e.shape), e.rank, e.full_rank, e.rel_error, size or 0, e.blob_digest)
+                for e, size in rows
+            ]
+
+    def revisions(self, subject: str) -> list[RevisionInfo]:
+        with self.session() as s:
+            row = self._subject_row(s, subject)
+            revs = s.scalars(sa.select(RevisionRow).where(RevisionRow.subject_id == row.id).order_by(RevisionRow.number))
+            return [self._revision_info(s, r, row.name) for r in revs]
+
+    def tag(self, ref: Ref, name: str) -> RevisionInfo:
+        with self.session() as s:
+            subject, row = self._revision_row(s, ref)
+            tag = s.get(TagRow, (subject.id, name))
+            if tag is None:
+                s.add(TagRow(subject_id=subject.id, name=name, revision_id=row.id))
+            else:
+                tag.revision_id = row.id
+            s.flush()
+            return self._revision_info(s, row, subject.name)
+
+    def _revision_info(self, s: Session, row: RevisionRow, subject: str) -> RevisionInfo:
+        base = s.scalar(sa.select(BaseRow.name).where(BaseRow.id == row.base_id))
+        tags = tuple(s.scalars(sa.select(TagRow.name).where(TagRow.revision_id == row.id).order_by(TagRow.name)))
+        return RevisionInfo(
+            subject=subject, number=row.number, base=base, created_at=_aware(row.created_at), energy=row.energy,
+            factor_dtype=row.factor_dtype, original_bytes=row.original_bytes, stored_bytes=row.stored_bytes,
+            kept_params=row.kept_params, n_tensors=row.n_tensors, n_changed=row.n_changed,
+            source_digest=row.source_digest, source_format=row.source_format, tags=tags,
+        )
+
+    # ------------------------------------------------------------ queries
+
+    def subjects(
+        self,
+        base: str | None = None,
+        name_like: str | None = None,
+        tag: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SubjectInfo]:
+        q = (
+            sa.select(SubjectRow, RevisionRow, BaseRow.name)
+            .join(RevisionRow, (RevisionRow.subject_id == SubjectRow.id) & (RevisionRow.number == SubjectRow.latest))
+            .join(BaseRow, BaseRow.id == RevisionRow.base_id)
+        )
+        if base is not None:
+            q = q.where(BaseRow.name == base)
+        if name_like:
+            q = q.where(SubjectRow.name.like(_like_pattern(name_like), escape="\\"))
+        if tag is not None:
+            q = q.where(sa.exists().where(TagRow.subject_id == SubjectRow.id, TagRow.name == tag))
+        if since is not None:
+            q = q.where(RevisionRow.created_at >= since)
+        q = q.order_by(SubjectRow.name).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            rows = s.execute(q).all()
+            ids = [subj.id for subj, _, _ in rows]
+            tags: dict[int, list[str]] = {}
+            rev_tags: dict[int, list[str]] = {}
+            for chunk in _chunks(ids, 500):
+                for sid, rid, tname in s.execute(
+                    sa.select(TagRow.subject_id, TagRow.revision_id, TagRow.name).where(TagRow.subject_id.in_(chunk)).order_by(TagRow.name)
+                ):
+                    tags.setdefault(sid, []).append(tname)
+                    rev_tags.setdefault(rid, []).append(tname)
+            out = []
+            for subj, rev, base_name in rows:
+                latest = RevisionInfo(
+                    subject=subj.name, number=rev.number, base=base_name, created_at=_aware(rev.created_at),
+                    energy=rev.energy, factor_dtype=rev.factor_dtype, original_bytes=rev.original_bytes,
+                    stored_bytes=rev.stored_bytes, kept_params=rev.kept_params, n_tensors=rev.n_tensors,
+                    n_changed=rev.n_changed, source_digest=rev.source_digest, source_format=rev.source_format,
+                    tags=tuple(rev_tags.get(rev.id, ())),
+                )
+                out.append(SubjectInfo(subj.name, _aware(subj.created_at), subj.latest, latest, tuple(tags.get(subj.id, ()))))
+            return out
+
+    def stats(self) -> Stats:
+        with self.session() as s:
+            n_bases = s.scalar(sa.select(sa.func.count()).select_from(BaseRow))
+            n_subjects = s.scalar(sa.select(sa.func.count()).select_from(SubjectRow))
+            n_revisions, original = s.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(RevisionRow.original_bytes), 0))
+            ).one()
+            subject_blobs = sa.select(EntryRow.blob_digest).where(EntryRow.blob_digest.is_not(None)).distinct().subquery()
+            stored = s.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(BlobRow.size), 0)).where(BlobRow.digest.in_(sa.select(subject_blobs.c.blob_digest)))
+            )
+            base_blobs = sa.select(BaseTensorRow.blob_digest).distinct().subquery()
+            base_bytes = s.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(BlobRow.size), 0)).where(BlobRow.digest.in_(sa.select(base_blobs.c.blob_digest)))
+            )
+            return Stats(n_bases, n_subjects, n_revisions, int(original), int(stored), int(base_bytes))
+
+
+def _like_pattern(pattern: str) -> str:
+    """``*`` matches anything; without one the pattern is a prefix. LIKE's own wildcards are escaped."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%") if "*" in pattern else escaped + "%"
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+
+
+def _db_message(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    return redact(text[0] if text else type(exc).__name__)

@@ -1,0 +1,457 @@
+"""Reading and writing checkpoints: safetensors files, torch pickles and diffusers model folders.
+
+Readers hand out one tensor at a time so that a 3.4 GB UNet is never held whole. Pickles are
+untrusted input: they are only ever opened with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import pickle
+import pickletools
+import struct
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .codec import DTYPES, dtype_name
+from .errors import CheckpointError, UnsafeCheckpoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "pickle", "diffusers")
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+_ST_MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What it takes to write a checkpoint back in the form it was pushed."""
+
+    format: str
+    wrapper: str | None = None  # pickles: the key the state dict sat under, e.g. "state_dict"
+    metadata: dict[str, str] | None = None  # safetensors "__metadata__"
+    shards: dict[str, str] | None = None  # diffusers: key -> weight file name, for sharded weights
+    weights_name: str | None = None  # diffusers: the single weights file name
+    files: dict[str, str] = field(default_factory=dict)  # diffusers: config.json and other small text files
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Layout":
+        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files") if k in data}
+        return cls(**known)
+
+
+class Checkpoint:
+    """An opened checkpoint: an ordered list of tensor specs and one tensor at a time on demand."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], layout: Layout, getter, closer=None):
+        self.path = path
+        self.specs = specs
+        self.layout = layout
+        self._get = getter
+        self._close = closer
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._close:
+            self._close()
+            self._close = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.specs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._get(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {exc}") from None
+
+    def __iter__(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        for spec in self.specs:
+            yield spec, self.get(spec.key)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_diffusers(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _open_safetensors(path)
+    if kind == "pickle":
+        return _open_pickle(path)
+    raise CheckpointError(f"{path}: not a checkpoint (expected .safetensors, a torch pickle or a diffusers folder)")
+
+
+def _sniff(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    return None
+
+
+def _check_dtype(path: Path, key: str, dtype: torch.dtype) -> str:
+    try:
+        return dtype_name(dtype)
+    except ValueError:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}") from None
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    specs, metadata, handle = _safetensors_specs(path)
+    return Checkpoint(
+        path, specs, Layout("safetensors", metadata=metadata or None), handle.get_tensor, lambda: handle.__exit__(None, None, None)
+    )
+
+
+def _safetensors_specs(path: Path):
+    order = _safetensors_order(path)
+    try:
+        handle = safe_open(str(path), framework="pt").__enter__()
+        keys = list(handle.keys())
+        metadata = handle.metadata()
+        specs = []
+        for key in keys:
+            sl = handle.get_slice(key)
+            dtype = _safetensors_dtype(path, key, sl.get_dtype())
+            specs.append(TensorSpec(key, dtype, tuple(int(d) for d in sl.get_shape())))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+    # safetensors lists keys sorted; keep the file's own order so a checkout writes what was pushed.
+    specs.sort(key=lambda s: order.get(s.key, 0))
+    return specs, metadata, handle
+
+
+def _safetensors_dtype(path: Path, key: str, code: str) -> str:
+    for name, st in _ST_DTYPES.items():
+        if st == code:
+            return name
+    raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(header length, parsed header) of a safetensors file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _ST_MAX_HEADER):
+            raise CheckpointError(f"{path}: safetensors header claims {n} bytes, the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return n, header
+
+
+def _safetensors_order(path: Path) -> dict[str, int]:
+    """Each key's position in the file; also checks that the tensors tile the data section exactly."""
+    n, header = _read_header(path)
+    data_len = path.stat().st_size - 8 - n
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: safetensors entry {key!r} is malformed")
+        entries.append((key, offsets[0], offsets[1]))
+    entries.sort(key=lambda e: (e[1], e[2]))
+    end = 0
+    for key, start, stop in entries:
+        if start != end or stop < start or stop > data_len:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file: tensor {key!r} spans bytes {start}-{stop}, "
+                f"the data section has {data_len}"
+            )
+        end = stop
+    return {key: i for i, (key, _, _) in enumerate(entries)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the refusal below says it all
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zip" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            culprits = ", ".join(_foreign_globals(path)[:3]) or "objects other than tensors"
+            raise UnsafeCheckpoint(
+                f"{path}: refused: the pickle needs {culprits}, which could run code; "
+                "re-save it as safetensors or as a plain state dict of tensors"
+            ) from None
+        raise CheckpointError(f"{path}: not a checkpoint ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
+
+
+_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """The globals a refused pickle imports, found by reading its opcodes: nothing is executed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings = (strings + [arg])[-2:]
+            elif op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found.append(".".join(strings))
+        return [g for g in dict.fromkeys(found) if not g.startswith(_SAFE_MODULES)]
+    except Exception:  # a malformed pickle: the refusal stands without names
+        return []
+
+
+def _state_dict(path: Path, obj: object) -> tuple[dict, str | None]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict of tensors")
+    wrapper = None
+    if isinstance(obj.get("state_dict"), dict):
+        obj, wrapper = obj["state_dict"], "state_dict"
+    tensors = {}
+    skipped = []
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            tensors[str(key)] = value
+        else:
+            skipped.append(str(key))
+    if skipped:
+        log.warning("%s: ignoring %d entries that are not tensors: %s", path, len(skipped), ", ".join(skipped[:5]))
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found in the pickle")
+    return tensors, wrapper
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    tensors, wrapper = _state_dict(path, _torch_load(path))
+    specs = [TensorSpec(k, _check_dtype(path, k, t.dtype), tuple(t.shape)) for k, t in tensors.items()]
+    return Checkpoint(path, specs, Layout("pickle", wrapper=wrapper), lambda key: tensors[key].contiguous())
+
+
+def _open_diffusers(path: Path) -> Checkpoint:
+    files = {p.name: p.read_text() for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".txt") and p.stat().st_size < 1_000_000 and not p.name.endswith(".index.json")}
+    for stem in DIFFUSERS_WEIGHTS:
+        for suffix in (".safetensors", ".bin"):
+            index = path / f"{stem}{suffix}.index.json"
+            single = path / f"{stem}{suffix}"
+            if index.exists():
+                return _open_sharded(path, index, files)
+            if single.exists():
+                inner = open_checkpoint(single)
+                return Checkpoint(path, inner.specs, Layout("diffusers", weights_name=single.name, files=files, metadata=inner.layout.metadata), inner.get, inner.close)
+    raise CheckpointError(f"{path}: a folder, but no diffusers weights in it (diffusion_pytorch_model.safetensors or .bin)")
+
+
+def _open_sharded(path: Path, index: Path, files: dict[str, str]) -> Checkpoint:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: not a valid shard index (no weight_map)") from None
+    shards: dict[str, Checkpoint] = {}
+    specs: list[TensorSpec] = []
+    owner: dict[str, str] = {}
+    for shard_name in dict.fromkeys(weight_map.values()):
+        shard_path = path / shard_name
+        if Path(shard_name).name != shard_name or not shard_path.is_file():
+            raise CheckpointError(f"{index}: shard {shard_name!r} is missing")
+        shard = open_checkpoint(shard_path)
+        shards[shard_name] = shard
+        for spec in shard.specs:
+            specs.append(spec)
+            owner[spec.key] = shard_name
+    missing = set(weight_map) - set(owner)
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors listed but not in any shard, e.g. {sorted(missing)[0]!r}")
+
+    def close():
+        for shard in shards.values():
+            shard.close()
+
+    layout = Layout("diffusers", shards=owner, weights_name=index.name.removesuffix(".index.json"), files=files)
+    return Checkpoint(path, specs, layout, lambda key: shards[owner[key]].get(key), close)
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, in name order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_safetensors(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], metadata: dict | None = None) -> None:
+    """Stream tensors into a safetensors file: the header is known up front, so nothing is held whole."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for spec in specs:
+        header[spec.key] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        count = 0
+        for spec, tensor in zip(specs, tensors):
+            if dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(f"tensor {spec.key}: got {tensor.dtype} {tuple(tensor.shape)}, expected {spec.dtype} {spec.shape}")
+            fh.write(_bytes_of(tensor))
+            count += 1
+        if count != len(specs):
+            raise ValueError(f"expected {len(specs)} tensors, got {count}")
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_pickle(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], wrapper: str | None = None) -> None:
+    """torch.save needs a whole state dict; stage the tensors in a file and map it, so they stay on disk."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".stage-", suffix=".safetensors") as stage:
+        write_safetensors(Path(stage.name), specs, tensors)
+        # ACCESS_COPY: torch wants writable buffers; private pages stay backed by the file until written.
+        with open(stage.name, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            header_len = struct.unpack("<Q", mapped[:8])[0]
+            base = 8 + header_len
+            state: dict[str, torch.Tensor] = {}
+            offset = 0
+            for spec in specs:
+                dtype = DTYPES[spec.dtype]
+                if spec.numel:
+                    t = torch.frombuffer(mapped, dtype=dtype, count=spec.numel, offset=base + offset)
+                else:
+                    t = torch.empty(0, dtype=dtype)
+                state[spec.key] = t.reshape(spec.shape)
+                offset += spec.nbytes
+            torch.save({wrapper: state} if wrapper else state, path)
+            del state
+
+
+def write_checkpoint(path: Path, layout: Layout, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """Write ``tensors`` (in ``specs`` order) at ``path`` in ``layout``'s format."""
+    if layout.format == "safetensors":
+        write_safetensors(path, specs, tensors, layout.metadata)
+    elif layout.format == "pickle":
+        write_pickle(path, specs, tensors, layout.wrapper)
+    elif layout.format == "diffusers":
+        _write_diffusers(path, layout, specs, tensors)
+    else:
+        raise ValueError(f"unknown format {layout.format!r}")
+
+
+def _write_diffusers(path: Path, layout: Layout, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in layout.files.items():
+        (path / Path(name).name).write_text(text)
+    weights_name = layout.weights_name or "diffusion_pytorch_model.safetensors"
+    stream = iter(tensors)
+    if not layout.shards:
+        _write_weights(path / weights_name, specs, stream, layout.metadata)
+        return
+    groups: dict[str, list[TensorSpec]] = {}
+    for spec in specs:
+        groups.setdefault(layout.shards[spec.key], []).append(spec)
+    for shard_name, shard_specs in groups.items():
+        _write_weights(path / Path(shard_name).name, shard_specs, (next(stream) for _ in shard_specs), None)
+    total = sum(s.nbytes for s in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": {s.key: layout.shards[s.key] for s in specs}}
+    (path / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_weights(path: Path, specs, tensors, metadata) -> None:
+    if path.suffix == ".safetensors":
+        write_safetensors(path, specs, tensors, metadata)
+    else:
+        write_pickle(path, specs, tensors)

@@ -1,0 +1,132 @@
+"""Delta-SVD (Zhang et al. 2025, arXiv 2508.16863): the maths, as pure functions over tensors.
+
+For a weight delta ΔW (a conv kernel reshaped to out x in*kh*kw) with singular values σ₁ ≥ σ₂ ≥ ...,
+keep the smallest rank t with E(t) = (σ₁+…+σ_t)/(σ₁+…+σ_n) ≥ τ and store A = U_tΣ_t, B = V_tᵀ.
+
+The energy is the sum of singular values, not of their squares, as in the paper: the nuclear-norm
+share spreads ranks further into the tail than the Frobenius share would, which is what keeps a
+fine-tune's identity at small τ.
+
+Two ways to get there:
+- ``"svd"``: the paper's Algorithm 1 as written, a full ``torch.linalg.svd`` in fp32.
+- ``"gram"`` (default): the eigendecomposition of the smaller Gram matrix in fp64 gives the same
+  singular values at a fraction of the cost; the kept vectors of the other side are recovered by
+  projecting ΔW onto them, so A·B is exactly the projection of ΔW onto the top-t subspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("gram", "svd")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """ΔW ≈ a @ b, with a: (out, rank) and b: (rank, in*kh*kw), stored in the factor dtype."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    full_rank: int
+    rel_error: float
+
+    @property
+    def params(self) -> int:
+        return self.a.numel() + self.b.numel()
+
+
+def as_matrix(delta: torch.Tensor) -> torch.Tensor:
+    """Linear weights stay as they are; conv kernels become out x (in*kh*kw)."""
+    return delta.reshape(delta.shape[0], -1)
+
+
+def energy_rank(singular_values: torch.Tensor, tau: float) -> int:
+    """The smallest t with (σ₁+…+σ_t) / Σσ ≥ τ; 0 for an all-zero spectrum."""
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"energy threshold must be in (0, 1], got {tau}")
+    s = singular_values.double().clamp_min(0)
+    cumulative = torch.cumsum(s, 0)
+    total = cumulative[-1]
+    if total <= 0:
+        return 0
+    energy = cumulative / total
+    # The last entry is exactly 1.0 (total / total), so tau = 1.0 always finds an index.
+    return int(torch.searchsorted(energy, torch.tensor([tau], dtype=energy.dtype), side="left")[0]) + 1
+
+
+def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
+    """All singular values of ``matrix``, descending."""
+    if method == "svd":
+        return torch.linalg.svdvals(matrix.float())
+    gram = _gram(matrix.double())
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def decompose(
+    delta: torch.Tensor,
+    tau: float,
+    *,
+    method: str = "gram",
+    factor_dtype: torch.dtype = torch.float16,
+) -> LowRank:
+    """Delta-SVD of one tensor of two or more dims, factors cast to ``factor_dtype``."""
+    if delta.dim() < 2:
+        raise ValueError("Delta-SVD needs a tensor of 2 or more dims; store 1-D deltas dense")
+    if method not in METHODS:
+        raise ValueError(f"unknown decomposition method {method!r}; use one of {', '.join(METHODS)}")
+    matrix = as_matrix(delta).float()
+    if method == "svd":
+        a, b, full_rank = _factors_svd(matrix, tau)
+    else:
+        a, b, full_rank = _factors_gram(matrix, tau)
+    a = a.to(factor_dtype).contiguous()
+    b = b.to(factor_dtype).contiguous()
+    return LowRank(a=a, b=b, rank=a.shape[1], full_rank=full_rank, rel_error=relative_error(matrix, a, b))
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A·B in fp32, whatever the factors' storage dtype: fp16 accumulation would lose the delta."""
+    return a.float() @ b.float()
+
+
+def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    norm = torch.linalg.matrix_norm(matrix.float())
+    if norm == 0:
+        return 0.0
+    residual = matrix.float() - product(a, b) if a.shape[1] else matrix.float()
+    return float(torch.linalg.matrix_norm(residual) / norm)
+
+
+def _factors_svd(matrix: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    t = energy_rank(s, tau)
+    return u[:, :t] * s[:t], vh[:t], s.numel()
+
+
+def _gram(matrix: torch.Tensor) -> torch.Tensor:
+    d, k = matrix.shape
+    return matrix @ matrix.T if d <= k else matrix.T @ matrix
+
+
+def _factors_gram(matrix: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    d, k = matrix.shape
+    m64 = matrix.double()
+    # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
+    eigenvalues, eigenvectors = torch.linalg.eigh(_gram(m64))
+    s = eigenvalues.flip(0).clamp_min(0).sqrt()
+    t = energy_rank(s, tau)
+    top = eigenvectors.flip(1)[:, :t]
+    if d <= k:
+        # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
+        projected = top.T @ m64
+        sigma = torch.linalg.vector_norm(projected, dim=1)
+        b = projected / torch.where(sigma > 0, sigma, 1.0)[:, None]
+        a = top * sigma
+    else:
+        # top = V_t; ΔW V_t = U_t Σ_t.
+        a = m64 @ top
+        b = top.T
+    return a.float(), b.float(), min(d, k)

@@ -1,0 +1,80 @@
+"""The errors dsreg raises: each says what went wrong and what to do about it.
+
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class DsregError(Exception):
+    """Base of every error that dsreg reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(DsregError):
+    """An argument that can never work (a bad name, tau out of range, ...)."""
+
+    exit_code = 2
+
+
+class InvalidName(UsageError):
+    pass
+
+
+class NotFound(DsregError):
+    exit_code = 3
+
+
+class SubjectNotFound(NotFound):
+    pass
+
+
+class RevisionNotFound(NotFound):
+    pass
+
+
+class BaseNotFound(NotFound):
+    pass
+
+
+class CheckpointError(DsregError):
+    """A file that is not a checkpoint dsreg can read."""
+
+    exit_code = 4
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A pickle that needs more than tensors and containers to load."""
+
+
+class NonFiniteWeights(CheckpointError):
+    pass
+
+
+class BaseMismatch(DsregError):
+    """The fine-tune does not fit the base (keys, shapes), or no base fits it."""
+
+    exit_code = 5
+
+
+class AmbiguousBase(BaseMismatch):
+    pass
+
+
+class Conflict(DsregError):
+    """A name already taken, or a concurrent writer that won a race."""
+
+    exit_code = 6
+
+
+class IntegrityError(DsregError):
+    """Stored bytes that do not hash to their name, or a reference with no object."""
+
+    exit_code = 7
+
+
+class StoreError(DsregError):
+    """The catalog or object store could not be reached or written."""
+
+    exit_code = 8

@@ -1,0 +1,49 @@
+"""Bringing a catalog's schema to the newest Alembic revision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+
+# Any fixed 64-bit number: Postgres advisory locks are keyed by integers.
+MIGRATION_LOCK = 0x64737265_67000001
+
+
+def alembic_config(connection=None) -> Config:
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, target: str = "head") -> None:
+    """Migrate under a lock, so that many processes opening a new catalog at once migrate it once."""
+    head = head_revision() if target == "head" else target
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+        command.upgrade(alembic_config(conn), target)
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), target)

@@ -1,0 +1,141 @@
+"""The typed records that the Python API returns and the CLI prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+def _ratio(original: int, stored: int) -> float:
+    return original / stored if stored else float("inf")
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    name: str
+    digest: str
+    n_tensors: int
+    n_params: int
+    nbytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """How one tensor of a revision is stored.
+
+    kind: ``base`` (unchanged: a reference to the base tensor), ``lowrank`` (Delta-SVD factors),
+    ``dense`` (the whole delta, for 1-D tensors) or ``full`` (the tensor itself, for integer tensors).
+    """
+
+    key: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    rank: int | None
+    full_rank: int | None
+    rel_error: float
+    stored_bytes: int
+    blob: str | None
+
+    @property
+    def kept_params(self) -> int:
+        return kept_params(self.kind, self.rank, self.shape)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def kept_params(kind: str, rank: int | None, shape: tuple[int, ...]) -> int:
+    """Parameters a stored tensor costs: rank·(out + in·kh·kw) for factors, all of them for dense."""
+    if kind == "lowrank":
+        return (rank or 0) * (shape[0] + numel(shape[1:]))
+    if kind in ("dense", "full"):
+        return numel(shape)
+    return 0
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    subject: str
+    number: int
+    base: str
+    created_at: datetime
+    energy: float | None
+    factor_dtype: str
+    original_bytes: int
+    stored_bytes: int
+    kept_params: int
+    n_tensors: int
+    n_changed: int
+    source_digest: str
+    source_format: str
+    tags: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.subject}@{self.number}"
+
+    @property
+    def ratio(self) -> float:
+        return _ratio(self.original_bytes, self.stored_bytes)
+
+
+@dataclass(frozen=True)
+class SubjectInfo:
+    name: str
+    created_at: datetime
+    n_revisions: int
+    latest: RevisionInfo
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Per layer group (conv_in, down_blocks.0, mid_block, ...): what was kept and what it cost."""
+
+    group: str
+    n_tensors: int
+    n_changed: int
+    rank: int
+    full_rank: int
+    kept_params: int
+    stored_bytes: int
+    max_error: float
+    mean_error: float
+
+
+@dataclass(frozen=True)
+class RevisionDetail:
+    revision: RevisionInfo
+    tensors: tuple[TensorInfo, ...]
+    groups: tuple[GroupSummary, ...]
+
+
+@dataclass(frozen=True)
+class Stats:
+    n_bases: int
+    n_subjects: int
+    n_revisions: int
+    original_bytes: int
+    stored_bytes: int
+    base_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return _ratio(self.original_bytes, self.stored_bytes)
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    ref: str
+    path: Path
+    format: str
+    n_tensors: int
+    nbytes: int
+    device: str

@@ -1,0 +1,452 @@
+"""The registry facade: everything a user can do, tying catalog, blob store, checkpoints and maths together."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import codec, deltasvd
+from .blobstore import BlobStore
+from .catalog import BaseTensor, BlobRecord, Catalog, NewEntry, NewRevision, StoredEntry
+from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, source_digest, write_checkpoint
+from .config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
+from .errors import AmbiguousBase, BaseMismatch, Conflict, NonFiniteWeights, UsageError
+from .layers import layer_group
+from .names import Ref, parse_ref, validate_name
+from .pipeline import Background, prefetch
+from .records import BaseInfo, CheckoutResult, GroupSummary, RevisionDetail, RevisionInfo, Stats, SubjectInfo
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``; the CLI turns it into progress bars."""
+
+# A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
+DETECT_MARGIN = 0.5
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    """Pass one over a checkpoint: every tensor's digest, checked finite, before anything is written."""
+
+    specs: list[TensorSpec]
+    digests: dict[str, str]
+    nbytes: int
+
+
+class Registry:
+    def __init__(self, catalog: Catalog, store: BlobStore, settings: Settings):
+        self.catalog = catalog
+        self.store = store
+        self.settings = settings
+
+    @classmethod
+    def open(
+        cls,
+        catalog: str | None = None,
+        store: str | None = None,
+        *,
+        home: str | os.PathLike | None = None,
+        storage_options: dict | None = None,
+    ) -> "Registry":
+        """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``."""
+        settings = Settings.resolve(catalog=catalog, store=store, home=home)
+        blob_store = BlobStore(settings.store_url, **(storage_options or {}))
+        return cls(Catalog.open(settings.catalog_url), blob_store, settings)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ bases
+
+    def add_base(self, path: str | os.PathLike, name: str, progress: Progress | None = None) -> tuple[BaseInfo, bool]:
+        """Store a base model; returns (base, whether it was new). Adding the same weights again is a no-op."""
+        validate_name(name, "base")
+        progress = progress or _quiet
+        with open_checkpoint(path) as ckpt:
+            scanned = self._scan(ckpt, progress)
+            digest = _manifest_digest(scanned)
+            existing = self.catalog.base_by_digest(digest)
+            if existing is not None:
+                return existing, False
+            if any(b.name == name for b in self.catalog.bases()):
+                raise Conflict(f"a different base is already named {name!r}; choose another --name")
+            tensors, blobs = self._upload_base_tensors(ckpt, scanned, progress)
+        return self.catalog.add_base(name, digest, ckpt.layout.to_json(), tensors, blobs, scanned.nbytes), True
+
+    def _upload_base_tensors(self, ckpt: Checkpoint, scanned: _Scanned, progress: Progress):
+        tensors: list[BaseTensor] = []
+        blobs: dict[str, BlobRecord] = {}
+        by_tensor: dict[str, BlobRecord] = {}
+        with Background() as uploads:
+            for i, spec in enumerate(scanned.specs):
+                tdigest = scanned.digests[spec.key]
+                blob = by_tensor.get(tdigest) or self.catalog.blob_for_tensor(tdigest)
+                if blob is None:
+                    data, raw = codec.encode({"tensor": ckpt.get(spec.key)})
+                    blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
+                    uploads.submit(self.store.put, data, blob.digest)
+                by_tensor[tdigest] = blob
+                blobs[blob.digest] = blob
+                tensors.append(BaseTensor(spec.key, spec.dtype, spec.shape, tdigest, blob.digest, blob.raw_size))
+                progress("upload", i + 1, len(scanned.specs))
+            uploads.wait()
+        return tensors, list(blobs.values())
+
+    def bases(self) -> list[BaseInfo]:
+        return self.catalog.bases()
+
+    # ------------------------------------------------------------ push
+
+    def push(
+        self,
+        path: str | os.PathLike,
+        subject: str | None = None,
+        *,
+        base: str | None = None,
+        energy: float = DEFAULT_ENERGY,
+        factor_dtype: str = DEFAULT_FACTOR_DTYPE,
+        method: str = "gram",
+        device: str = "auto",
+        progress: Progress | None = None,
+    ) -> RevisionInfo:
+        """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``."""
+        if subject is not None:
+            validate_name(subject)
+        if not 0.0 < energy <= 1.0:
+            raise UsageError(f"--energy must be in (0, 1], got {energy}")
+        if factor_dtype not in codec.FACTOR_DTYPES:
+            raise UsageError(f"unknown factor dtype {factor_dtype!r}; use one of {', '.join(codec.FACTOR_DTYPES)}")
+        if method not in deltasvd.METHODS:
+            raise UsageError(f"unknown method {method!r}; use one of {', '.join(deltasvd.METHODS)}")
+        dev = resolve_device(device)
+        progress = progress or _quiet
+        with ThreadPoolExecutor(1) as hasher, open_checkpoint(path) as ckpt:
+            source = hasher.submit(source_digest, path)
+            scanned = self._scan(ckpt, progress)
+            base_name = base or self._detect_base(ckpt, scanned)
+            base_tensors = self._fitting_base(base_name, scanned)
+            entries = self._compress(ckpt, scanned, base_tensors, energy, codec.FACTOR_DTYPES[factor_dtype], method, dev, progress)
+            new = NewRevision(
+                subject=subject, base_id=self.catalog.base_id(base_name), energy=energy, factor_dtype=factor_dtype,
+                original_bytes=scanned.nbytes, source_digest=source.result(), source_format=ckpt.layout.format,
+                layout={**ckpt.layout.to_json(), "source_name": Path(path).name}, entries=tuple(entries),
+            )
+        return self.catalog.commit_revision(new)
+
+    def _scan(self, ckpt: Checkpoint, progress: Progress) -> _Scanned:
+        digests = {}
+        for i, (spec, tensor) in enumerate(ckpt):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise NonFiniteWeights(f"{ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
+            digests[spec.key] = codec.tensor_digest(tensor)
+            progress("read", i + 1, len(ckpt.specs))
+        return _Scanned(ckpt.specs, digests, ckpt.nbytes)
+
+    def _fitting_base(self, name: str, scanned: _Scanned) -> dict[str, BaseTensor]:
+        tensors = {t.key: t for t in self.catalog.base_tensors(name)}
+        problem = _mismatch(scanned.specs, tensors)
+        if problem:
+            raise BaseMismatch(f"checkpoint does not fit base {name!r}: {problem}")
+        return tensors
+
+    def _detect_base(self, ckpt: Checkpoint, scanned: _Scanned) -> str:
+        bases = self.catalog.bases()
+        if not bases:
+            raise BaseMismatch("no base is registered; add one first with `dsreg base add FILE --name NAME`")
+        fitting: dict[str, dict[str, BaseTensor]] = {}
+        reasons = []
+        for b in bases:
+            tensors = {t.key: t for t in self.catalog.base_tensors(b.name)}
+            problem = _mismatch(scanned.specs, tensors)
+            if problem:
+                reasons.append(f"{b.name} ({problem})")
+            else:
+                fitting[b.name] = tensors
+        if not fitting:
+            raise BaseMismatch("no registered base fits this checkpoint: " + "; ".join(reasons[:5]))
+        if len(fitting) == 1:
+            return next(iter(fitting))
+        identical = {n: sum(scanned.digests[k] == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
+        ranked = sorted(fitting, key=lambda n: identical[n], reverse=True)
+        if identical[ranked[0]] > identical[ranked[1]]:
+            return ranked[0]
+        distance = {n: self._delta_norm(ckpt, fitting[n]) for n in ranked}
+        ranked.sort(key=distance.get)
+        if distance[ranked[0]] < DETECT_MARGIN * distance[ranked[1]]:
+            return ranked[0]
+        listed = ", ".join(f"{n} (relative delta {distance[n]:.3g})" for n in ranked)
+        raise AmbiguousBase(f"cannot tell which base this fine-tune came from: {listed}; name one with --base")
+
+    def _delta_norm(self, ckpt: Checkpoint, base: dict[str, BaseTensor], sample: int = 8) -> float:
+        """Relative size of the delta over a few of the largest floating tensors."""
+        specs = sorted((s for s in ckpt.specs if s.dtype in ("float32", "float16", "bfloat16", "float64")), key=lambda s: -s.nbytes)
+        num = den = 0.0
+        for spec in specs[:sample]:
+            ft = ckpt.get(spec.key).float()
+            bt = self._base_tensor(base[spec.key]).float()
+            num += float(torch.linalg.vector_norm(ft - bt)) ** 2
+            den += float(torch.linalg.vector_norm(ft)) ** 2
+        return (num / den) ** 0.5 if den else 0.0
+
+    def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
+        return codec.decode(self.store.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+
+    def _compress(self, ckpt, scanned, base, energy, factor_dtype, method, device, progress) -> list[NewEntry]:
+        specs = scanned.specs
+        changed = [s for s in specs if scanned.digests[s.key] != base[s.key].tensor_digest]
+        entries: dict[str, NewEntry] = {}
+        for s in specs:
+            if s not in changed:
+                entries[s.key] = NewEntry(s.key, "base", s.dtype, s.shape, None, None, 0.0, scanned.digests[s.key], None)
+
+        def load(spec: TensorSpec):
+            return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key])
+
+        with Background() as uploads:
+            for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=3, workers=3)):
+                entry, data = self._compress_one(spec, ft, bt, scanned.digests[spec.key], energy, factor_dtype, method, device)
+                if data is not None:
+                    uploads.submit(self.store.put, data, entry.blob.digest)
+                entries[spec.key] = entry
+                progress("compress", i + 1, len(changed))
+            uploads.wait()
+        return [entries[s.key] for s in specs]
+
+    @staticmethod
+    def _compress_one(spec, ft, bt, tdigest, energy, factor_dtype, method, device) -> tuple[NewEntry, bytes | None]:
+        def stored(kind, tensors, rank=None, full_rank=None, error=0.0):
+            data, raw = codec.encode(tensors)
+            blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
+            return NewEntry(spec.key, kind, spec.dtype, spec.shape, rank, full_rank, error, tdigest, blob), data
+
+        if not ft.is_floating_point():
+            return stored("full", {"tensor": ft})
+        if torch.equal(bt.to(ft.dtype), ft):
+            # Same weights in another dtype (an fp16 export of an fp32 base): a reference rebuilds them exactly.
+            return NewEntry(spec.key, "base", spec.dtype, spec.shape, None, None, 0.0, tdigest, None), None
+        delta = ft.to(device=device, dtype=torch.float32) - bt.to(device=device, dtype=torch.float32)
+        if delta.dim() < 2:
+            return stored("dense", {"delta": delta.to(factor_dtype).cpu()})
+        lr = deltasvd.decompose(delta, energy, method=method, factor_dtype=factor_dtype)
+        return stored("lowrank", {"a": lr.a.cpu(), "b": lr.b.cpu()}, lr.rank, lr.full_rank, lr.rel_error)
+
+    # ------------------------------------------------------------ checkout
+
+    def checkout(
+        self,
+        ref: str | Ref,
+        output: str | os.PathLike | None = None,
+        *,
+        format: str | None = None,
+        device: str = "auto",
+        progress: Progress | None = None,
+    ) -> CheckoutResult:
+        """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all)."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        dev = resolve_device(device)
+        progress = progress or _quiet
+        info = self.catalog.revision(ref)
+        pushed = Layout.from_json(self.catalog.revision_layout(Ref(info.subject, info.number)))
+        entries = self.catalog.entries(Ref(info.subject, info.number))
+        base = {t.key: t for t in self.catalog.base_tensors(info.base)}
+        output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
+        layout = _output_layout(pushed, output, format)
+        specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
+        tensors = self._rebuild(entries, base, dev, progress)
+        _write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors))
+        return CheckoutResult(info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev))
+
+    def _rebuild(self, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:
+        def load(entry: StoredEntry):
+            stored = None
+            if entry.blob is not None:
+                stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
+            bt = self._base_tensor(base[entry.key]) if entry.kind != "full" else None
+            return entry, bt, stored
+
+        for i, (entry, bt, stored) in enumerate(prefetch(load, entries, window=4, workers=4)):
+            yield _rebuild_one(entry, bt, stored, device)
+            progress("checkout", i + 1, len(entries))
+
+    # ------------------------------------------------------------ queries
+
+    def subjects(
+        self,
+        base: str | None = None,
+        name_like: str | None = None,
+        tag: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SubjectInfo]:
+        """Subjects with their latest revision, by name; ``name_like`` is a prefix, or a pattern with ``*``."""
+        return self.catalog.subjects(base=base, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset)
+
+    def revisions(self, subject: str) -> list[RevisionInfo]:
+        validate_name(subject)
+        return self.catalog.revisions(subject)
+
+    def revision(self, ref: str | Ref) -> RevisionInfo:
+        return self.catalog.revision(parse_ref(ref) if isinstance(ref, str) else ref)
+
+    def show(self, ref: str | Ref) -> RevisionDetail:
+        """A revision with every tensor's storage and a summary per layer group."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        info = self.catalog.revision(ref)
+        tensors = self.catalog.tensor_infos(Ref(info.subject, info.number))
+        return RevisionDetail(info, tuple(tensors), tuple(_group_summaries(tensors)))
+
+    def tag(self, ref: str | Ref, name: str) -> RevisionInfo:
+        validate_name(name, "tag")
+        return self.catalog.tag(parse_ref(ref) if isinstance(ref, str) else ref, name)
+
+    def stats(self) -> Stats:
+        return self.catalog.stats()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _manifest_digest(scanned: _Scanned) -> str:
+    h = hashlib.sha256()
+    for spec in scanned.specs:
+        h.update(f"{spec.key}\0{scanned.digests[spec.key]}\n".encode())
+    return h.hexdigest()
+
+
+def _mismatch(specs: list[TensorSpec], base: dict[str, BaseTensor]) -> str | None:
+    keys = {s.key for s in specs}
+    missing = sorted(set(base) - keys)
+    extra = sorted(keys - set(base))
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} keys not in the base, e.g. {extra[0]!r}")
+        if missing:
+            parts.append(f"{len(missing)} base keys missing, e.g. {missing[0]!r}")
+        return ", ".join(parts)
+    for s in specs:
+        if s.shape != base[s.key].shape:
+            return f"tensor {s.key!r} has shape {list(s.shape)}, the base has {list(base[s.key].shape)}"
+    return None
+
+
+def _rebuild_one(entry: StoredEntry, bt: torch.Tensor | None, stored: dict | None, device: torch.device) -> torch.Tensor:
+    dtype = codec.dtype_of(entry.dtype)
+    if entry.kind == "base":
+        return bt.to(dtype)
+    if entry.kind == "full":
+        return stored["tensor"]
+    # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
+    w = bt.to(device=device, dtype=torch.float32)
+    if entry.kind == "dense":
+        w += stored["delta"].to(device=device, dtype=torch.float32)
+    elif entry.kind == "lowrank":
+        a, b = stored["a"].to(device), stored["b"].to(device)
+        w = w.reshape(w.shape[0], -1)
+        w.addmm_(a.float(), b.float())
+    else:
+        raise ValueError(f"unknown entry kind {entry.kind!r}")
+    return w.reshape(entry.shape).to(dtype).cpu()
+
+
+def _group_summaries(tensors) -> list[GroupSummary]:
+    groups: dict[str, list] = {}
+    for t in tensors:
+        groups.setdefault(layer_group(t.key), []).append(t)
+    out = []
+    for name, ts in groups.items():
+        changed = [t for t in ts if t.kind != "base"]
+        errors = [t.rel_error for t in changed]
+        out.append(
+            GroupSummary(
+                group=name, n_tensors=len(ts), n_changed=len(changed),
+                rank=sum(t.rank or 0 for t in changed if t.kind == "lowrank"),
+                full_rank=sum(t.full_rank or 0 for t in changed if t.kind == "lowrank"),
+                kept_params=sum(t.kept_params for t in ts), stored_bytes=sum(t.stored_bytes for t in ts),
+                max_error=max(errors, default=0.0), mean_error=sum(errors) / len(errors) if errors else 0.0,
+            )
+        )
+    return out
+
+
+_FORMAT_ALIASES = {"safetensors": "safetensors", "ckpt": "pickle", "pickle": "pickle", "pt": "pickle", "diffusers": "diffusers"}
+
+
+def _default_suffix(layout: Layout) -> str:
+    return {"safetensors": ".safetensors", "pickle": ".ckpt", "diffusers": ""}[layout.format]
+
+
+def _output_layout(pushed: Layout, output: Path, fmt: str | None) -> Layout:
+    if fmt is not None:
+        if fmt not in _FORMAT_ALIASES:
+            raise UsageError(f"unknown format {fmt!r}; use safetensors, ckpt or diffusers")
+        fmt = _FORMAT_ALIASES[fmt]
+    elif output.suffix.lower() == ".safetensors":
+        fmt = "safetensors"
+    elif output.suffix.lower() in PICKLE_SUFFIXES:
+        fmt = "pickle"
+    elif output.is_dir() or (output.suffix == "" and pushed.format == "diffusers"):
+        fmt = "diffusers"
+    else:
+        fmt = pushed.format
+    assert fmt in FORMATS
+    if fmt == pushed.format:
+        return pushed
+    if fmt == "safetensors":
+        return Layout("safetensors", metadata=pushed.metadata)
+    if fmt == "pickle":
+        return Layout("pickle", wrapper=pushed.wrapper)
+    return Layout("diffusers", files=pushed.files, weights_name="diffusion_pytorch_model.safetensors")
+
+
+def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
+    """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing."""
+    output = output.absolute()
+    if output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.dsreg-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if output.is_dir():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise

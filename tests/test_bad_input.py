@@ -1,0 +1,163 @@
+"""Bad input: one clear line on stderr, a non-zero exit, and the catalog and store exactly as before."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from cli.main import cli
+from registry import Registry
+
+from .conftest import snapshot
+
+
+class _Gadget:
+    """A pickle that, if loaded unsafely, would create a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def home(tmp_path, models):
+    home = tmp_path / "home"
+    with Registry.open(home=home) as r:
+        r.add_base(models.base, "sd15")
+        r.push(models.ft, "known")
+    return home
+
+
+def _state(home):
+    with Registry.open(home=home) as r:
+        return snapshot(r)
+
+
+def _fails(home, *args, code=None, match=None):
+    before = _state(home)
+    result = CliRunner().invoke(cli, ["--home", str(home), "-q", *map(str, args)])
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    if match:
+        assert match in lines[0], lines[0]
+    assert _state(home) == before
+    return lines[0]
+
+
+def test_missing_file(home, tmp_path):
+    _fails(home, "push", tmp_path / "nope.safetensors", code=4, match="no such file")
+
+
+def test_not_a_checkpoint(home, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello, not weights\n" * 10)
+    _fails(home, "push", tmp_path / "notes.txt", code=4, match="not a checkpoint")
+    (tmp_path / "fake.ckpt").write_bytes(b"\x00garbage" * 100)
+    _fails(home, "push", tmp_path / "fake.ckpt", code=4)
+
+
+def test_truncated_safetensors(home, models, tmp_path):
+    data = models.ft.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(home, "push", tmp_path / "cut.safetensors", code=4, match="truncated")
+    (tmp_path / "tiny.safetensors").write_bytes(data[:5])
+    _fails(home, "push", tmp_path / "tiny.safetensors", code=4)
+
+
+@pytest.mark.parametrize("wrap", ["top", "nested"])
+def test_pickle_that_would_run_code_is_refused_and_runs_nothing(home, models, tmp_path, wrap):
+    marker = tmp_path / "pwned"
+    sd = dict(models.ft_sd)
+    if wrap == "top":
+        payload = _Gadget(marker)
+    else:
+        sd["evil"] = _Gadget(marker)
+        payload = {"state_dict": sd}
+    with open(tmp_path / "evil.ckpt", "wb") as fh:
+        pickle.dump(payload, fh)
+    torch.save(payload, tmp_path / "evil-zip.ckpt")
+    for name in ("evil.ckpt", "evil-zip.ckpt"):
+        line = _fails(home, "push", tmp_path / name, code=4, match="refused")
+        assert "system" in line
+        assert not marker.exists()
+
+
+def test_keys_or_shapes_that_do_not_match_the_base(home, models, tmp_path):
+    sd = dict(models.ft_sd)
+    sd["conv_in.weight"] = torch.zeros(5, 4, 3, 3)
+    save_file(sd, tmp_path / "shape.safetensors")
+    _fails(home, "push", tmp_path / "shape.safetensors", "--base", "sd15", code=5, match="conv_in.weight")
+    _fails(home, "push", tmp_path / "shape.safetensors", code=5, match="no registered base fits")
+    sd = dict(models.ft_sd)
+    sd["extra.weight"] = torch.zeros(2, 2)
+    save_file(sd, tmp_path / "keys.safetensors")
+    _fails(home, "push", tmp_path / "keys.safetensors", "--base", "sd15", code=5, match="extra.weight")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_weights(home, models, tmp_path, bad):
+    sd = dict(models.ft_sd)
+    w = sd["mid.conv2.weight"].clone()
+    w[0, 0, 0, 0] = bad
+    sd["mid.conv2.weight"] = w
+    save_file(sd, tmp_path / "nan.safetensors")
+    _fails(home, "push", tmp_path / "nan.safetensors", code=4, match="mid.conv2.weight")
+
+
+def test_unknown_subject_or_revision(home, tmp_path):
+    _fails(home, "checkout", "nobody", "-o", tmp_path / "o.safetensors", code=3, match="no subject named 'nobody'")
+    _fails(home, "checkout", "known@9", "-o", tmp_path / "o.safetensors", code=3, match="no revision 9")
+    _fails(home, "show", "nobody", code=3)
+    _fails(home, "push", tmp_path / "x", "--base", "nope", code=4)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unknown_base(home, models):
+    _fails(home, "push", models.ft, "--base", "nope", code=3, match="no base named 'nope'")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;colon", "quote'", "nul\x00", "tab\tname", "ünï"])
+def test_invalid_subject_names(home, models, name):
+    _fails(home, "push", models.ft, "--subject", name, code=2, match="invalid subject name")
+
+
+@pytest.mark.parametrize("ref", ["known@0", "known@x", "known@-1", "../known"])
+def test_invalid_refs(home, tmp_path, ref):
+    _fails(home, "checkout", ref, "-o", tmp_path / "o.safetensors", code=2)
+
+
+def test_bad_energy(home, models):
+    _fails(home, "push", models.ft, "--energy", "0", code=2, match="--energy")
+    _fails(home, "push", models.ft, "--energy", "1.5", code=2)
+
+
+def test_cuda_when_there_is_none(home, models, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _fails(home, "checkout", "known", "-o", tmp_path / "o.safetensors", "--device", "cuda", code=2, match="CUDA")
+
+
+def test_corrupt_blob_is_detected_never_returned(home, tmp_path):
+    with Registry.open(home=home) as r:
+        blob = next(t.blob for t in r.show("known").tensors if t.kind == "lowrank")
+        path = r.store.path(blob)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    _fails(home, "checkout", "known", "-o", tmp_path / "o.safetensors", code=7, match="corrupt")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if "dsreg" in p.name]  # no temporary left behind
+
+
+def test_unreachable_catalog_is_one_line(tmp_path, models):
+    result = CliRunner().invoke(cli, ["--catalog", "postgresql+psycopg://nobody:s3cret@127.0.0.1:1/x", "--store", str(tmp_path / "s"), "ls"])
+    assert result.exit_code == 8
+    assert "s3cret" not in result.output and result.stderr.startswith("error: cannot open catalog")

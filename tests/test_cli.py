@@ -1,0 +1,119 @@
+"""The dsreg command: through click's CliRunner, and a few runs of the installed entry point."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cli.main import cli
+
+
+@pytest.fixture
+def run(tmp_path):
+    home = tmp_path / "home"
+
+    def invoke(*args, ok=True):
+        result = CliRunner().invoke(cli, ["--home", str(home), "-q", *map(str, args)], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    invoke.home = home
+    return invoke
+
+
+def test_the_readme_session(run, models, tmp_path):
+    out = run("base", "add", models.base, "--name", "sd15").stdout
+    assert out.startswith("base sd15  58 tensors")
+    out = run("push", models.ft).stdout
+    assert out.startswith("subject-1 rev 1  base sd15  ") and "tau 0.5" in out and "->" in out
+    out = run("push", models.ft, "--subject", "corgi", "--energy", "0.2").stdout
+    assert out.startswith("corgi rev 1  base sd15") and "tau 0.2" in out
+    listing = run("ls").stdout.splitlines()
+    assert listing[0].split() == ["subject", "rev", "base", "original", "stored", "ratio", "created"]
+    assert [line.split()[0] for line in listing[1:]] == ["corgi", "subject-1"]
+    shown = run("show", "corgi").stdout
+    assert "mid_attn" in shown and "conv_in" in shown and "max err" in shown
+    out = run("checkout", "subject-1", "-o", tmp_path / "subject-1.safetensors").stdout
+    assert out.startswith("subject-1@1 -> ") and "on cpu" in out
+    assert set(load_file(tmp_path / "subject-1.safetensors")) == set(models.ft_sd)
+    run("checkout", "corgi@1", "-o", tmp_path / "corgi.ckpt")
+    assert set(torch.load(tmp_path / "corgi.ckpt", weights_only=True)) == set(models.ft_sd)
+
+
+def test_json_output_and_stats(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    rev = json.loads(run("push", models.ft, "-s", "dog", "--json").stdout)
+    assert rev["subject"] == "dog" and rev["number"] == 1 and rev["stored_bytes"] > 0
+    subjects = json.loads(run("ls", "--json").stdout)
+    assert [s["name"] for s in subjects] == ["dog"]
+    stats = json.loads(run("stats", "--json").stdout)
+    assert stats["n_subjects"] == 1 and stats["n_revisions"] == 1
+    bases = json.loads(run("base", "ls", "--json").stdout)
+    assert bases[0]["name"] == "sd15"
+    assert "1 subjects" in run("stats").stdout
+
+
+def test_tag_and_filtered_listing(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    run("push", models.ft, "-s", "cat")
+    assert run("tag", "dog@1", "prod").stdout.strip() == "dog@1 tagged prod"
+    assert [line.split()[0] for line in run("ls", "--tag", "prod").stdout.splitlines()[1:]] == ["dog"]
+    assert [line.split()[0] for line in run("ls", "--name", "ca").stdout.splitlines()[1:]] == ["cat"]
+    assert len(run("ls", "--limit", "1").stdout.splitlines()) == 2
+
+
+def test_adding_a_base_twice_says_so(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    assert "already holds these weights" in run("base", "add", models.base, "--name", "sd15").stdout
+
+
+def test_show_tensors(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    out = run("show", "dog", "--tensors").stdout
+    assert "conv_in.weight" in out and "lowrank" in out and "base" in out
+
+
+def test_environment_points_at_catalog_and_store(tmp_path, models):
+    env = {"DSREG_CATALOG_URL": f"sqlite:///{tmp_path / 'elsewhere.db'}", "DSREG_STORE_URL": str(tmp_path / "objects")}
+    result = CliRunner().invoke(cli, ["-q", "base", "add", str(models.base), "--name", "b"], env=env)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "elsewhere.db").exists() and (tmp_path / "objects" / "sha256").is_dir()
+
+
+def test_demo_runs(tmp_path):
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "demo", "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("tau"))
+    rows = [line.split() for line in lines[header + 1 : header + 5]]
+    assert [r[0] for r in rows] == ["0.2", "0.5", "0.8", "1"]
+    output_errors = [float(r[-1]) for r in rows]
+    assert output_errors == sorted(output_errors, reverse=True) and output_errors[-1] < 0.01
+
+
+@pytest.mark.skipif(shutil.which("dsreg") is None, reason="dsreg is not installed on PATH")
+def test_installed_entry_point(tmp_path, models):
+    env = {**os.environ, "DSREG_HOME": str(tmp_path / "home")}
+
+    def dsreg(*args):
+        return subprocess.run(["dsreg", "-q", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+    assert dsreg("--version").returncode == 0
+    assert dsreg("base", "add", models.base, "--name", "sd15").returncode == 0
+    pushed = dsreg("push", models.ft_ckpt, "--subject", "corgi")
+    assert pushed.returncode == 0 and pushed.stdout.startswith("corgi rev 1"), pushed.stderr
+    out = tmp_path / "corgi.safetensors"
+    assert dsreg("checkout", "corgi", "-o", out).returncode == 0
+    assert set(load_file(out)) == set(models.ft_sd)
+    missing = dsreg("checkout", "nobody", "-o", tmp_path / "x.safetensors")
+    assert missing.returncode == 3 and missing.stderr.startswith("error: no subject named 'nobody'")
+    assert "Traceback" not in missing.stderr

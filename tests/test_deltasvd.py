@@ -1,0 +1,93 @@
+"""The maths: the paper's rank rule, and the fast Gram path against the plain full SVD."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from registry import deltasvd
+
+
+def test_energy_is_the_sum_of_singular_values_not_squares():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # cumulative share 0.4, 0.7, 0.9, 1.0
+    assert deltasvd.energy_rank(s, 0.4) == 1
+    assert deltasvd.energy_rank(s, 0.5) == 2
+    assert deltasvd.energy_rank(s, 0.7) == 2
+    assert deltasvd.energy_rank(s, 0.71) == 3
+    assert deltasvd.energy_rank(s, 1.0) == 4
+    # With squares (16, 9, 4, 1 -> 0.53 at t=1) tau=0.5 would keep one; the paper's rule keeps two.
+
+
+def test_energy_rank_rejects_out_of_range_tau():
+    with pytest.raises(ValueError):
+        deltasvd.energy_rank(torch.ones(3), 0.0)
+    with pytest.raises(ValueError):
+        deltasvd.energy_rank(torch.ones(3), 1.5)
+
+
+def test_zero_delta_has_rank_zero():
+    lr = deltasvd.decompose(torch.zeros(8, 5), 0.5)
+    assert lr.rank == 0 and lr.rel_error == 0.0
+
+
+def _real_deltas(models):
+    return {k: models.ft_sd[k] - models.base_sd[k] for k in models.ft_sd if models.ft_sd[k].dim() >= 2 and not torch.equal(models.ft_sd[k], models.base_sd[k])}
+
+
+@pytest.mark.parametrize("tau", [0.06, 0.2, 0.5, 0.8])
+def test_gram_and_svd_choose_the_same_ranks_on_a_real_finetune(models, tau):
+    for key, delta in _real_deltas(models).items():
+        fast = deltasvd.decompose(delta, tau, method="gram", factor_dtype=torch.float32)
+        exact = deltasvd.decompose(delta, tau, method="svd", factor_dtype=torch.float32)
+        assert abs(fast.rank - exact.rank) <= 1, key  # a tie at the threshold may differ by one
+        if fast.rank == exact.rank:
+            a = deltasvd.product(fast.a, fast.b)
+            b = deltasvd.product(exact.a, exact.b)
+            assert torch.linalg.matrix_norm(a - b) <= 1e-4 * torch.linalg.matrix_norm(deltasvd.as_matrix(delta)) + 1e-12, key
+            assert fast.rel_error == pytest.approx(exact.rel_error, abs=1e-5), key
+
+
+def test_conv_kernels_are_reshaped_out_by_in_kh_kw(models):
+    delta = models.ft_sd["conv_in.weight"] - models.base_sd["conv_in.weight"]
+    assert delta.dim() == 4
+    lr = deltasvd.decompose(delta, 1.0, factor_dtype=torch.float32)
+    out, cin, kh, kw = delta.shape
+    assert lr.a.shape == (out, lr.rank) and lr.b.shape == (lr.rank, cin * kh * kw)
+    assert lr.full_rank == min(out, cin * kh * kw)
+
+
+def test_tau_one_rebuilds_to_fp32_roundoff(models):
+    for key, delta in _real_deltas(models).items():
+        for method in deltasvd.METHODS:
+            lr = deltasvd.decompose(delta, 1.0, method=method, factor_dtype=torch.float32)
+            assert lr.rel_error < 1e-5, (key, method, lr.rel_error)
+
+
+def test_error_falls_as_tau_rises(models):
+    delta = models.ft_sd["mid.conv1.weight"] - models.base_sd["mid.conv1.weight"]
+    errors = [deltasvd.decompose(delta, tau).rel_error for tau in (0.06, 0.2, 0.5, 0.8, 1.0)]
+    ranks = [deltasvd.decompose(delta, tau).rank for tau in (0.06, 0.2, 0.5, 0.8, 1.0)]
+    assert errors == sorted(errors, reverse=True)
+    assert ranks == sorted(ranks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 40),
+    k=st.integers(1, 40),
+    true_rank=st.integers(1, 12),
+    tau=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_path_matches_exact_on_any_shape(d, k, true_rank, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = min(true_rank, d, k)
+    delta = torch.randn(d, r, generator=g) @ torch.randn(r, k, generator=g) + 1e-3 * torch.randn(d, k, generator=g)
+    fast = deltasvd.decompose(delta, tau, method="gram", factor_dtype=torch.float32)
+    exact = deltasvd.decompose(delta, tau, method="svd", factor_dtype=torch.float32)
+    assert abs(fast.rank - exact.rank) <= 1
+    if fast.rank == exact.rank:
+        assert fast.rel_error == pytest.approx(exact.rel_error, abs=1e-4)
+    s = deltasvd.singular_values(deltasvd.as_matrix(delta), "svd").double()
+    share = float(s[: exact.rank].sum() / s.sum())
+    assert share >= tau - 1e-5
