@@ -16,13 +16,14 @@ from .output import Bars, echo_json, ratio, size, table, when
 
 
 class Context:
-    def __init__(self, catalog, store, home, quiet, debug):
+    def __init__(self, catalog, store, home, store_options, quiet, debug):
         self.catalog, self.store, self.home, self.quiet, self.debug = catalog, store, home, quiet, debug
+        self.store_options = store_options
         self._registry = None
 
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry.open(self.catalog, self.store, home=self.home)
+            self._registry = Registry.open(self.catalog, self.store, home=self.home, storage_options=self.store_options)
         return self._registry
 
     def bars(self) -> Bars:
@@ -64,14 +65,21 @@ class DsregGroup(click.Group):
 @click.option("--catalog", envvar="DSREG_CATALOG_URL", metavar="URL", help="SQLAlchemy URL of the catalog [env DSREG_CATALOG_URL].")
 @click.option("--store", envvar="DSREG_STORE_URL", metavar="URL", help="fsspec URL of the object store [env DSREG_STORE_URL].")
 @click.option("--home", envvar="DSREG_HOME", metavar="DIR", help="Registry folder for the defaults [env DSREG_HOME, default ~/.dsreg].")
+@click.option("--store-option", "store_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for the store, e.g. endpoint_url=http://minio:9000 (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(package_name="dsreg")
 @click.pass_context
-def cli(ctx, catalog, store, home, quiet, debug):
+def cli(ctx, catalog, store, home, store_options, quiet, debug):
     """Store fine-tuned diffusion checkpoints as Delta-SVD deltas against a shared base."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(catalog, store, home, quiet, debug)
+    options = {}
+    for item in store_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--store-option")
+        options[key] = value
+    ctx.obj = Context(catalog, store, home, options, quiet, debug)
 
 
 # ---------------------------------------------------------------- bases

@@ -44,6 +44,9 @@ class StoredBlob:
 class BlobStore:
     def __init__(self, url: str, **storage_options):
         self.url = url
+        if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")):
+            # Several processes write one store: a cached listing would hide their objects.
+            storage_options.setdefault("use_listings_cache", False)
         try:
             self.fs, root = fsspec.url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:

@@ -84,6 +84,8 @@ class SubjectRow(Model):
     # pushes to one subject on the row lock and keeps numbers gap-free.
     latest: Mapped[int] = mapped_column(sa.Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    # Name-prefix queries (LIKE 'abc%') use this index on Postgres whatever the database collation.
+    __table_args__ = (sa.Index("ix_subjects_name_pattern", "name", postgresql_ops={"name": "varchar_pattern_ops"}),)
 
 
 class RevisionRow(Model):
@@ -202,6 +204,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=60000")
+    # Case-sensitive LIKE, as on Postgres; it also lets SQLite answer prefix queries from the name index.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 
@@ -277,18 +281,33 @@ class Catalog:
 
     @staticmethod
     def _ensure_blobs(s: Session, blobs: Sequence[BlobRecord]) -> None:
-        unique = {b.digest: b for b in blobs}
-        existing: set[str] = set()
-        for chunk in _chunks(list(unique), 500):
-            existing.update(s.scalars(sa.select(BlobRow.digest).where(BlobRow.digest.in_(chunk))))
-        for digest, blob in unique.items():
-            if digest not in existing:
-                # A concurrent writer may insert the same digest: a savepoint keeps our transaction alive.
-                try:
-                    with s.begin_nested():
-                        s.add(BlobRow(digest=digest, size=blob.size, raw_size=blob.raw_size))
-                except SAIntegrityError:
-                    pass
+        """Insert blob rows that are not there yet; concurrent writers of the same digests are fine.
+
+        Rows go in digest order, so two transactions inserting overlapping sets wait on each
+        other in one order and cannot deadlock.
+        """
+        unique = sorted({b.digest: b for b in blobs}.values(), key=lambda b: b.digest)
+        if not unique:
+            return
+        now = utcnow()
+        rows = [{"digest": b.digest, "size": b.size, "raw_size": b.raw_size, "created_at": now} for b in unique]
+        dialect = s.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            insert = None
+        if insert is not None:
+            for chunk in _chunks(rows, 500):
+                s.execute(insert(BlobRow).on_conflict_do_nothing(index_elements=["digest"]), chunk)
+            return
+        for row in rows:
+            try:
+                with s.begin_nested():
+                    s.add(BlobRow(**row))
+            except SAIntegrityError:
+                pass
 
     # ------------------------------------------------------------ bases
 

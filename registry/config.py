@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import UsageError
 
 ENV_HOME = "DSREG_HOME"
 ENV_CATALOG_URL = "DSREG_CATALOG_URL"
 ENV_STORE_URL = "DSREG_STORE_URL"
 ENV_CACHE_DIR = "DSREG_CACHE_DIR"
+ENV_CACHE_SIZE = "DSREG_CACHE_SIZE"
+ENV_STORE_OPTIONS = "DSREG_STORE_OPTIONS"
+ENV_S3_ENDPOINT = "DSREG_S3_ENDPOINT_URL"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_FACTOR_DTYPE = "fp16"
 ZSTD_LEVEL = 3
+DEFAULT_CACHE_SIZE = 20 * 10**9
 
 
 @dataclass(frozen=True)
@@ -22,18 +29,60 @@ class Settings:
     home: Path
     catalog_url: str
     store_url: str
-    cache_dir: Path
+    store_options: dict = field(default_factory=dict)
+    cache_dir: Path = Path(".")
+    cache_size: int = DEFAULT_CACHE_SIZE
 
     @classmethod
-    def resolve(cls, catalog: str | None = None, store: str | None = None, home: str | os.PathLike | None = None) -> "Settings":
+    def resolve(
+        cls,
+        catalog: str | None = None,
+        store: str | None = None,
+        home: str | os.PathLike | None = None,
+        store_options: dict | None = None,
+    ) -> "Settings":
         home_path = Path(home or os.environ.get(ENV_HOME) or Path.home() / ".dsreg").expanduser()
         catalog_url = catalog or os.environ.get(ENV_CATALOG_URL) or f"sqlite:///{home_path / 'catalog.db'}"
         store_url = store or os.environ.get(ENV_STORE_URL) or str(home_path / "blobs")
-        cache_dir = Path(os.environ.get(ENV_CACHE_DIR) or home_path / "cache").expanduser()
-        return cls(home=home_path, catalog_url=catalog_url, store_url=store_url, cache_dir=cache_dir)
+        options = _env_store_options(store_url)
+        options.update(store_options or {})
+        return cls(
+            home=home_path,
+            catalog_url=catalog_url,
+            store_url=store_url,
+            store_options=options,
+            cache_dir=Path(os.environ.get(ENV_CACHE_DIR) or home_path / "cache").expanduser(),
+            cache_size=parse_size(os.environ.get(ENV_CACHE_SIZE) or DEFAULT_CACHE_SIZE),
+        )
 
-    def is_default_home(self) -> bool:
-        return self.catalog_url.startswith("sqlite:///") and str(self.home) in self.catalog_url
+
+def _env_store_options(store_url: str) -> dict:
+    raw = os.environ.get(ENV_STORE_OPTIONS)
+    try:
+        options = json.loads(raw) if raw else {}
+    except ValueError:
+        raise UsageError(f"{ENV_STORE_OPTIONS} must be a JSON object of fsspec options") from None
+    if not isinstance(options, dict):
+        raise UsageError(f"{ENV_STORE_OPTIONS} must be a JSON object of fsspec options")
+    endpoint = os.environ.get(ENV_S3_ENDPOINT)
+    if endpoint and store_url.startswith(("s3://", "s3a://")):
+        options.setdefault("endpoint_url", endpoint)
+    return options
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*")
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``20GB``, ``512MiB``, ``1.5G`` or a plain number (decimal units; ``i`` for binary)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(value)
+    if not match:
+        raise UsageError(f"cannot read {value!r} as a size; write e.g. 20GB, 512MB or 1000000")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper() or " ")
+    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")

@@ -17,6 +17,7 @@ import torch
 
 from . import codec, deltasvd
 from .blobstore import BlobStore
+from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, NewEntry, NewRevision, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, source_digest, write_checkpoint
 from .config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
@@ -63,6 +64,8 @@ class Registry:
         self.catalog = catalog
         self.store = store
         self.settings = settings
+        # Base tensors from a remote store go through a local cache; a local store is its own cache.
+        self.base_blobs = store if store.local else BlobCache(store, settings.cache_dir, settings.cache_size)
 
     @classmethod
     def open(
@@ -74,8 +77,8 @@ class Registry:
         storage_options: dict | None = None,
     ) -> "Registry":
         """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``."""
-        settings = Settings.resolve(catalog=catalog, store=store, home=home)
-        blob_store = BlobStore(settings.store_url, **(storage_options or {}))
+        settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options)
+        blob_store = BlobStore(settings.store_url, **settings.store_options)
         return cls(Catalog.open(settings.catalog_url), blob_store, settings)
 
     def close(self) -> None:
@@ -221,7 +224,7 @@ class Registry:
         return (num / den) ** 0.5 if den else 0.0
 
     def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
-        return codec.decode(self.store.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+        return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
 
     def _compress(self, ckpt, scanned, base, energy, factor_dtype, method, device, progress) -> list[NewEntry]:
         specs = scanned.specs

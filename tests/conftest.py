@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from safetensors.torch import save_file
 
 from registry import Registry
 from registry.demo import finetune, make_base, state_dict
+
+from .engines import S3_BUCKET, S3_KEY, S3_SECRET, Engine, SeaweedFS, create_database, drop_database, postgres_available
 
 WIDTH = 32
 
@@ -63,9 +66,60 @@ def models(tmp_path_factory) -> Models:
     )
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS for the session; the AWS variables point every client (and subprocess) at it."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1"
+    )
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    postgres_available()
+
+
 @pytest.fixture
-def reg(tmp_path) -> Registry:
-    with Registry.open(home=tmp_path / "registry") as r:
+def remote_engine(request) -> Engine:
+    """Postgres (a fresh database) + SeaweedFS S3 (a fresh prefix)."""
+    request.getfixturevalue("postgres")
+    request.getfixturevalue("s3_server")
+    url = create_database()
+    yield Engine("postgres+s3", url, f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
+    drop_database(url)
+
+
+@pytest.fixture(params=["local", "postgres+s3"])
+def engine(request, tmp_path) -> Engine:
+    """Every registry test runs on both engine pairs: (SQLite, local folder) and (Postgres, S3)."""
+    if request.param == "local":
+        return Engine("local", f"sqlite:///{tmp_path / 'registry' / 'catalog.db'}", str(tmp_path / "registry" / "blobs"))
+    return request.getfixturevalue("remote_engine")
+
+
+@pytest.fixture
+def open_registry(engine, tmp_path):
+    """Opens a registry on this test's engine; ``home`` holds the local cache."""
+
+    def opener(**kwargs) -> Registry:
+        return Registry.open(engine.catalog_url, engine.store_url, home=tmp_path / "registry", **kwargs)
+
+    return opener
+
+
+@pytest.fixture
+def reg(open_registry) -> Registry:
+    with open_registry() as r:
         yield r
 
 

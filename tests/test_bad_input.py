@@ -25,22 +25,26 @@ class _Gadget:
 
 
 @pytest.fixture
-def home(tmp_path, models):
-    home = tmp_path / "home"
-    with Registry.open(home=home) as r:
+def home(engine, open_registry, tmp_path, models):
+    """The CLI arguments that reach this test's registry, which holds one base and one subject."""
+    with open_registry() as r:
         r.add_base(models.base, "sd15")
         r.push(models.ft, "known")
-    return home
+    return ["--home", str(tmp_path / "registry"), *engine.cli_args()]
 
 
 def _state(home):
-    with Registry.open(home=home) as r:
+    with _open(home) as r:
         return snapshot(r)
+
+
+def _open(home):
+    return Registry.open(catalog=home[3], store=home[5], home=home[1])
 
 
 def _fails(home, *args, code=None, match=None):
     before = _state(home)
-    result = CliRunner().invoke(cli, ["--home", str(home), "-q", *map(str, args)])
+    result = CliRunner().invoke(cli, [*home, "-q", *map(str, args)])
     assert result.exit_code != 0, result.output
     if code is not None:
         assert result.exit_code == code, result.output
@@ -146,12 +150,11 @@ def test_cuda_when_there_is_none(home, models, tmp_path):
 
 
 def test_corrupt_blob_is_detected_never_returned(home, tmp_path):
-    with Registry.open(home=home) as r:
+    with _open(home) as r:
         blob = next(t.blob for t in r.show("known").tensors if t.kind == "lowrank")
-        path = r.store.path(blob)
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+        data = bytearray(r.store.fs.cat_file(r.store.path(blob)))
+        data[len(data) // 2] ^= 0xFF
+        r.store.fs.pipe_file(r.store.path(blob), bytes(data))
     _fails(home, "checkout", "known", "-o", tmp_path / "o.safetensors", code=7, match="corrupt")
     assert not (tmp_path / "o.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if "dsreg" in p.name]  # no temporary left behind

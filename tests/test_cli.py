@@ -15,11 +15,11 @@ from cli.main import cli
 
 
 @pytest.fixture
-def run(tmp_path):
+def run(tmp_path, engine):
     home = tmp_path / "home"
 
     def invoke(*args, ok=True):
-        result = CliRunner().invoke(cli, ["--home", str(home), "-q", *map(str, args)], catch_exceptions=False)
+        result = CliRunner().invoke(cli, ["--home", str(home), *engine.cli_args(), "-q", *map(str, args)], catch_exceptions=False)
         if ok:
             assert result.exit_code == 0, result.output
         return result

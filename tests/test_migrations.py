@@ -8,8 +8,8 @@ from registry.catalog import Catalog, Model, create_engine
 from registry.migrate import current_revision, downgrade, head_revision, upgrade
 
 
-def test_a_new_catalog_is_migrated_to_head(tmp_path):
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def test_a_new_catalog_is_migrated_to_head(engine):
+    url = engine.catalog_url
     Catalog.open(url).close()
     engine = create_engine(url)
     assert current_revision(engine) == head_revision()
@@ -18,8 +18,8 @@ def test_a_new_catalog_is_migrated_to_head(tmp_path):
     engine.dispose()
 
 
-def test_downgrade_to_nothing_and_upgrade_again(tmp_path):
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def test_downgrade_to_nothing_and_upgrade_again(engine):
+    url = engine.catalog_url
     engine = create_engine(url)
     upgrade(engine)
     downgrade(engine, "base")

@@ -1,0 +1,73 @@
+"""A bounded, verified local cache of blobs fetched from a remote store.
+
+Base tensors are the bulk of every checkout and are shared by all subjects of a base, so a worker
+that keeps them locally downloads only a subject's own factors from the second checkout on.
+Entries are files named by digest; a read re-hashes them (a corrupt copy is dropped and fetched
+again), and the least recently used are evicted past the size limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from .blobstore import BlobStore, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+class BlobCache:
+    def __init__(self, store: BlobStore, directory: Path, max_bytes: int):
+        self.store = store
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        self.store.path(digest)  # validates the digest before it becomes a file name
+        return self.directory / digest[:2] / digest
+
+    def get(self, digest: str) -> bytes:
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            if sha256_hex(data) == digest:
+                os.utime(path)  # mtime is the LRU clock
+                return data
+            log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
+            path.unlink(missing_ok=True)
+        data = self.store.get(digest)
+        self._put(path, data)
+        return data
+
+    def _put(self, path: Path, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.evict()
+
+    def evict(self) -> None:
+        entries = []
+        for f in self.directory.glob("??/*"):
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # evicted by another process meanwhile
+                continue
+            entries.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in entries)
+        for _, size, f in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.directory.glob("??/*"))
