@@ -169,13 +169,14 @@ def checkout(obj: Context, ref, output, fmt, device):
 @click.option("--since", type=click.DateTime(), help="Only subjects pushed to since this date.")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--after", metavar="NAME", help="Start after this subject name (fast paging: pass the last name shown).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def ls(obj: Context, base_name, name_like, tag, since, limit, offset, as_json):
+def ls(obj: Context, base_name, name_like, tag, since, limit, offset, after, as_json):
     """List subjects with their latest revision."""
     if since is not None and since.tzinfo is None:
         since = since.astimezone(timezone.utc)
-    subjects = obj.registry().subjects(base=base_name, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset)
+    subjects = obj.registry().subjects(base=base_name, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset, after=after)
     if as_json:
         return echo_json(subjects)
     rows = [

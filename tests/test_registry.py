@@ -232,6 +232,7 @@ def test_catalog_queries(reg, models):
     assert names(reg.subjects(name_like="*-2")) == ["corgi-2"]
     assert names(reg.subjects(tag="prod")) == ["corgi"]
     assert names(reg.subjects(limit=2, offset=1)) == ["corgi", "corgi-2"]
+    assert names(reg.subjects(limit=2, after="corgi")) == ["corgi-2", "other"]
     assert names(reg.subjects(since=datetime.now(timezone.utc) + timedelta(hours=1))) == []
     assert names(reg.subjects(since=datetime.now(timezone.utc) - timedelta(hours=1))) == names(reg.subjects())
     assert reg.revision("corgi@1").tags == ("prod",)
