@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from registry import DsregError, Registry
-from registry.config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, redact
+from registry import Conflict, DsregError, IntegrityError, Registry
+from registry.config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, parse_duration, redact
 
 from .output import Bars, echo_json, ratio, size, table, when
 
@@ -115,6 +116,15 @@ def base_ls(obj: Context, as_json):
         return echo_json(bases)
     rows = [[b.name, str(b.n_tensors), f"{b.n_params / 1e6:.2f}M", size(b.nbytes), b.digest[:12], when(b.created_at)] for b in bases]
     click.echo(table(["base", "tensors", "params", "size", "digest", "created"], rows, right={1, 2, 3}))
+
+
+@base.command("rm")
+@click.argument("name")
+@click.pass_obj
+def base_rm(obj: Context, name):
+    """Remove a base that no revision uses (gc frees its bytes)."""
+    info = obj.registry().remove_base(name)
+    click.echo(f"removed base {info.name}; run `dsreg gc` to free its {size(info.nbytes)}")
 
 
 # ---------------------------------------------------------------- push / checkout
@@ -260,6 +270,120 @@ def demo(obj: Context, workdir):
     ]
     click.echo(table(["tau", "revision", "original", "stored", "ratio", "kept params", "max tensor err", "output err"], body, right={2, 3, 4, 5, 6, 7}))
     click.echo("output err: |f_rebuilt - f_finetuned| / |f_base - f_finetuned| on fixed inputs (0 = the fine-tune exactly)")
+
+
+# ---------------------------------------------------------------- removal, retention, gc, verify
+
+
+@cli.command()
+@click.argument("ref")
+@click.pass_obj
+def rm(obj: Context, ref):
+    """Remove SUBJECT@REV, or every revision of SUBJECT, from the catalog (gc frees the bytes)."""
+    removed = obj.registry().rm(ref)
+    click.echo(f"removed {', '.join(r.ref for r in removed)}; run `dsreg gc` to free the space")
+
+
+@cli.group()
+def policy():
+    """Retention policies that gc applies."""
+
+
+@policy.command("set")
+@click.argument("name")
+@click.option("--subjects", "pattern", default="*", show_default=True, help="Subjects it applies to: a name, or a pattern with *.")
+@click.option("--keep-last", type=int, help="Keep the newest N revisions of each subject.")
+@click.option("--max-age", help="Expire revisions older than this (e.g. 30d, 12h).")
+@click.pass_obj
+def policy_set(obj: Context, name, pattern, keep_last, max_age):
+    """Create or replace a retention policy. Tagged revisions are never expired."""
+    p = obj.registry().set_policy(name, pattern, keep_last, parse_duration(max_age) if max_age else None)
+    click.echo(f"policy {p.name}: subjects {p.pattern}" + (f", keep last {p.keep_last}" if p.keep_last else "") + (f", max age {max_age}" if max_age else ""))
+
+
+@policy.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def policy_ls(obj: Context, as_json):
+    """List retention policies."""
+    policies = obj.registry().policies()
+    if as_json:
+        return echo_json(policies)
+    rows = [[p.name, p.pattern, str(p.keep_last or "-"), f"{p.max_age_seconds}s" if p.max_age_seconds is not None else "-"] for p in policies]
+    click.echo(table(["policy", "subjects", "keep last", "max age"], rows))
+
+
+@policy.command("rm")
+@click.argument("name")
+@click.pass_obj
+def policy_rm(obj: Context, name):
+    """Remove a retention policy."""
+    obj.registry().remove_policy(name)
+    click.echo(f"removed policy {name}")
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
+@click.option("--grace", default="1h", show_default=True, help="Never delete objects younger than this (e.g. 0, 30m, 1h).")
+@click.option("--every", metavar="DURATION", help="Run in the foreground, once per DURATION (e.g. 6h), until stopped.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def gc_command(obj: Context, dry_run, grace, every, as_json):
+    """Apply retention policies and delete unreferenced objects; safe while pushes run."""
+    grace_s = parse_duration(grace)
+    interval = parse_duration(every) if every else None
+    if interval is not None and interval <= 0:
+        raise click.BadParameter("must be positive", param_hint="--every")
+    while True:
+        try:
+            report = obj.registry().gc(grace_s, dry_run)
+        except Conflict as exc:
+            if interval is None:
+                raise
+            click.echo(f"{datetime.now().isoformat(timespec='seconds')} skipped: {exc}")
+        else:
+            if as_json:
+                echo_json(report)
+            else:
+                verb = "would remove" if report.dry_run else "removed"
+                stamp = f"{datetime.now().isoformat(timespec='seconds')} " if interval else ""
+                click.echo(
+                    f"{stamp}{verb} {report.removed_objects} objects ({size(report.removed_bytes)}); "
+                    f"{len(report.expired)} revisions expired by policy; kept {report.leased_objects} claimed by writes in progress "
+                    f"and {report.young_objects} younger than {grace}"
+                )
+                for ref in report.expired:
+                    click.echo(f"  expired {ref}")
+        if interval is None:
+            return
+        time.sleep(interval)
+
+
+@cli.command()
+@click.option("--full", is_flag=True, help="Also download every object and check that its bytes hash to its name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def verify(obj: Context, full, as_json):
+    """Check that every catalog reference resolves to a stored object; exit 7 on any problem."""
+    bars = obj.bars()
+    report = obj.registry().verify(full, progress=bars)
+    bars.close()
+    if as_json:
+        echo_json(report)
+    else:
+        for digest, who in report.missing:
+            click.echo(f"missing  {digest}  referenced by {who}")
+        for digest, problem in report.corrupt:
+            click.echo(f"corrupt  {digest}  {problem}")
+        for digest in report.orphans:
+            click.echo(f"orphan   {digest}")
+        status = "ok" if report.ok else "PROBLEMS"
+        click.echo(
+            f"{status}: {report.checked} objects {'hashed' if full else 'listed'}, {len(report.missing)} missing, "
+            f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphans (gc collects orphans)"
+        )
+    if not report.ok:
+        sys.exit(IntegrityError.exit_code)
 
 
 def main() -> None:

@@ -17,14 +17,17 @@ from .errors import (
     UnsafeCheckpoint,
     UsageError,
 )
-from .records import BaseInfo, CheckoutResult, GroupSummary, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo
+from .records import (
+    BaseInfo, CheckoutResult, GcReport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
+    VerifyReport,
+)
 from .registry import Registry
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Registry",
-    "BaseInfo", "CheckoutResult", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
+    "BaseInfo", "CheckoutResult", "GcReport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
     "IntegrityError", "StoreError",

@@ -118,6 +118,16 @@ class BlobStore:
         except FileNotFoundError:
             pass
 
+    def delete_many(self, digests: list[str]) -> None:
+        if not digests:
+            return
+        if self.local:
+            for digest in digests:
+                self.delete(digest)
+            return
+        # Object stores delete up to 1000 keys per request.
+        self._call(self.fs.rm, [self.path(d) for d in digests])
+
     def size(self, digest: str) -> int:
         return int(self._call(self.fs.info, self.path(digest))["size"])
 

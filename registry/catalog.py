@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,11 +24,17 @@ from sqlalchemy.exc import OperationalError, ProgrammingError, InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .config import redact
-from .errors import Conflict, RevisionNotFound, StoreError, SubjectNotFound, BaseNotFound
+from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreError, SubjectNotFound
 from .names import AUTO_PREFIX, Ref, auto_number
-from .records import BaseInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
+from .records import BaseInfo, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
 
 log = logging.getLogger(__name__)
+
+# Postgres advisory lock keys (any fixed 64-bit numbers). Writers that make blobs live (lease
+# registration, commits) share WRITE_LOCK; a gc sweep batch takes it exclusively. On SQLite every
+# write transaction is exclusive already (BEGIN IMMEDIATE).
+WRITE_LOCK = 0x64737265_67000002
+GC_LOCK = 0x64737265_67000003
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -80,9 +88,12 @@ class SubjectRow(Model):
     __tablename__ = "subjects"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    # The newest revision number: bumped in the push's transaction, which serializes concurrent
-    # pushes to one subject on the row lock and keeps numbers gap-free.
+    # The newest existing revision number (0 when none is left).
     latest: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # Revision numbers handed out so far: bumped in the push's transaction, which serializes
+    # concurrent pushes to one subject on the row lock and keeps numbers gap-free. Removing a
+    # revision never lowers it, so a number always means the same weights.
+    counter: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     # Name-prefix queries (LIKE 'abc%') use this index on Postgres whatever the database collation.
     __table_args__ = (sa.Index("ix_subjects_name_pattern", "name", postgresql_ops={"name": "varchar_pattern_ops"}),)
@@ -128,6 +139,31 @@ class TagRow(Model):
     subject_id: Mapped[int] = mapped_column(sa.ForeignKey("subjects.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), primary_key=True, index=True)
     revision_id: Mapped[int] = mapped_column(sa.ForeignKey("revisions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class LeaseRow(Model):
+    """A writer's claim on blobs it is about to reference: gc keeps them while the lease is live."""
+
+    __tablename__ = "leases"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(sa.String(256))
+    expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class LeaseBlobRow(Model):
+    __tablename__ = "lease_blobs"
+    lease_id: Mapped[str] = mapped_column(sa.ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True)
+    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True, index=True)
+
+
+class PolicyRow(Model):
+    __tablename__ = "policies"
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    pattern: Mapped[str] = mapped_column(sa.String(256), default="*")
+    keep_last: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    max_age_seconds: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
 
 
@@ -186,6 +222,43 @@ class StoredEntry:
     blob: str | None
     raw_size: int | None
     tensor_digest: str
+
+
+class Lease:
+    """A write's claim on the blobs it uploads, kept live by a heartbeat thread until it is closed.
+
+    Closing a lease that was not committed drops it: the blobs it claimed become orphans for gc.
+    """
+
+    def __init__(self, catalog: "Catalog", holder: str, ttl: float):
+        self.catalog = catalog
+        self.ttl = ttl
+        self.id = catalog.create_lease(holder, ttl)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"dsreg-lease-{self.id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.catalog.renew_lease(self.id, self.ttl):
+                    return  # expired or committed: nothing left to keep alive
+            except Exception as exc:  # the commit's own check reports a lapse; keep trying meanwhile
+                log.warning("could not renew upload lease: %s", exc)
+
+    def claim(self, digests: Sequence[str]) -> None:
+        self.catalog.lease_blobs(self.id, digests)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.catalog.drop_lease(self.id)  # a no-op after a commit, which deleted it
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _aware(value: datetime) -> datetime:
@@ -251,13 +324,125 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, lock: str | None = None) -> Iterator[Session]:
+        """A transaction; ``lock="shared"`` for writes that make blobs live, ``"exclusive"`` for a gc sweep."""
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                if lock and self.dialect == "postgresql":
+                    fn = "pg_advisory_xact_lock_shared" if lock == "shared" else "pg_advisory_xact_lock"
+                    session.execute(sa.text(f"SELECT {fn}(:key)"), {"key": WRITE_LOCK})
                 yield session
         except (OperationalError, InterfaceError) as exc:
             raise StoreError(f"catalog {redact(self.url)}: {_db_message(exc)}") from None
+
+    # ------------------------------------------------------------ leases
+
+    def lease(self, holder: str, ttl: float) -> Lease:
+        return Lease(self, holder, ttl)
+
+    def create_lease(self, holder: str, ttl: float) -> str:
+        lease_id = uuid.uuid4().hex
+        with self.session(lock="shared") as s:
+            s.add(LeaseRow(id=lease_id, holder=holder[:256], expires_at=utcnow() + timedelta(seconds=ttl)))
+        return lease_id
+
+    def lease_blobs(self, lease_id: str, digests: Sequence[str]) -> None:
+        """Claim blobs before checking for or uploading them, so that gc cannot take them meanwhile."""
+        with self.session(lock="shared") as s:
+            self._live_lease(s, lease_id)
+            _insert_ignore(s, LeaseBlobRow, [{"lease_id": lease_id, "digest": d} for d in sorted(set(digests))], ["lease_id", "digest"])
+
+    def renew_lease(self, lease_id: str, ttl: float) -> bool:
+        """Extend a live lease; an expired one stays expired, since gc may have acted on it."""
+        now = utcnow()
+        with self.session() as s:
+            done = s.execute(
+                sa.update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.expires_at > now).values(expires_at=now + timedelta(seconds=ttl))
+            )
+            return done.rowcount == 1
+
+    def drop_lease(self, lease_id: str) -> None:
+        with self.session() as s:
+            self._delete_lease(s, lease_id)
+
+    @staticmethod
+    def _delete_lease(s: Session, lease_id: str) -> None:
+        s.execute(sa.delete(LeaseBlobRow).where(LeaseBlobRow.lease_id == lease_id))
+        s.execute(sa.delete(LeaseRow).where(LeaseRow.id == lease_id))
+
+    @staticmethod
+    def _live_lease(s: Session, lease_id: str) -> None:
+        row = s.get(LeaseRow, lease_id)
+        if row is None or _aware(row.expires_at) <= utcnow():
+            raise Conflict("the upload lease of this write expired before it could commit (was the process paused?); run it again")
+
+    def drop_expired_leases(self) -> int:
+        with self.session() as s:
+            expired = list(s.scalars(sa.select(LeaseRow.id).where(LeaseRow.expires_at <= utcnow())))
+            for lease_id in expired:
+                self._delete_lease(s, lease_id)
+            return len(expired)
+
+    # ------------------------------------------------------------ gc primitives
+
+    def claims(self, s: Session, digests: Sequence[str]) -> tuple[set[str], set[str]]:
+        """(those of ``digests`` that a committed row references, those that a live lease claims)."""
+        referenced: set[str] = set()
+        leased: set[str] = set()
+        now = utcnow()
+        for chunk in _chunks(sorted(set(digests)), 500):
+            referenced.update(s.scalars(sa.select(BaseTensorRow.blob_digest).where(BaseTensorRow.blob_digest.in_(chunk))))
+            referenced.update(s.scalars(sa.select(EntryRow.blob_digest).where(EntryRow.blob_digest.in_(chunk))))
+            leased.update(
+                s.scalars(
+                    sa.select(LeaseBlobRow.digest)
+                    .join(LeaseRow, LeaseRow.id == LeaseBlobRow.lease_id)
+                    .where(LeaseBlobRow.digest.in_(chunk), LeaseRow.expires_at > now)
+                )
+            )
+        return referenced, leased
+
+    def forget_blobs(self, s: Session, digests: Sequence[str]) -> None:
+        for chunk in _chunks(list(digests), 500):
+            s.execute(sa.delete(BlobRow).where(BlobRow.digest.in_(chunk)))
+
+    def unreferenced_blob_rows(self, s: Session, before: datetime) -> list[str]:
+        """Blob rows that nothing references any more, older than ``before``."""
+        return list(
+            s.scalars(
+                sa.select(BlobRow.digest).where(
+                    BlobRow.created_at < before,
+                    ~sa.exists().where(BaseTensorRow.blob_digest == BlobRow.digest),
+                    ~sa.exists().where(EntryRow.blob_digest == BlobRow.digest),
+                )
+            )
+        )
+
+    def references(self) -> dict[str, str]:
+        """Every referenced blob digest, with one place that references it (``SUBJECT@REV`` or ``base NAME``)."""
+        refs: dict[str, str] = {}
+        with self.session() as s:
+            for digest, name in s.execute(
+                sa.select(BaseTensorRow.blob_digest, BaseRow.name).join(BaseRow, BaseRow.id == BaseTensorRow.base_id)
+            ):
+                refs.setdefault(digest, f"base {name}")
+            for digest, name, number in s.execute(
+                sa.select(EntryRow.blob_digest, SubjectRow.name, RevisionRow.number)
+                .join(RevisionRow, RevisionRow.id == EntryRow.revision_id)
+                .join(SubjectRow, SubjectRow.id == RevisionRow.subject_id)
+                .where(EntryRow.blob_digest.is_not(None))
+            ):
+                refs.setdefault(digest, f"{name}@{number}")
+        return refs
+
+    def blob_sizes(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(sa.select(BlobRow.digest, BlobRow.size)).all())
 
     # ------------------------------------------------------------ blobs
 
@@ -281,40 +466,20 @@ class Catalog:
 
     @staticmethod
     def _ensure_blobs(s: Session, blobs: Sequence[BlobRecord]) -> None:
-        """Insert blob rows that are not there yet; concurrent writers of the same digests are fine.
-
-        Rows go in digest order, so two transactions inserting overlapping sets wait on each
-        other in one order and cannot deadlock.
-        """
-        unique = sorted({b.digest: b for b in blobs}.values(), key=lambda b: b.digest)
-        if not unique:
-            return
+        """Insert blob rows that are not there yet; concurrent writers of the same digests are fine."""
         now = utcnow()
-        rows = [{"digest": b.digest, "size": b.size, "raw_size": b.raw_size, "created_at": now} for b in unique]
-        dialect = s.get_bind().dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            insert = None
-        if insert is not None:
-            for chunk in _chunks(rows, 500):
-                s.execute(insert(BlobRow).on_conflict_do_nothing(index_elements=["digest"]), chunk)
-            return
-        for row in rows:
-            try:
-                with s.begin_nested():
-                    s.add(BlobRow(**row))
-            except SAIntegrityError:
-                pass
+        rows = [{"digest": b.digest, "size": b.size, "raw_size": b.raw_size, "created_at": now} for b in {b.digest: b for b in blobs}.values()]
+        _insert_ignore(s, BlobRow, rows, ["digest"])
 
     # ------------------------------------------------------------ bases
 
     def add_base(
-        self, name: str, digest: str, layout: dict, tensors: Sequence[BaseTensor], blobs: Sequence[BlobRecord], nbytes: int
+        self, name: str, digest: str, layout: dict, tensors: Sequence[BaseTensor], blobs: Sequence[BlobRecord], nbytes: int,
+        lease_id: str | None = None,
     ) -> BaseInfo:
-        with self.session() as s:
+        with self.session(lock="shared") as s:
+            if lease_id:
+                self._live_lease(s, lease_id)
             self._ensure_blobs(s, blobs)
             row = BaseRow(
                 name=name,
@@ -336,6 +501,20 @@ class Catalog:
                 )
                 for i, t in enumerate(tensors)
             )
+            if lease_id:
+                self._delete_lease(s, lease_id)
+            return self._base_info(row)
+
+    def remove_base(self, name: str) -> BaseInfo:
+        with self.session(lock="shared") as s:
+            row = s.scalar(sa.select(BaseRow).where(BaseRow.name == name))
+            if row is None:
+                raise BaseNotFound(f"no base named {name!r}")
+            used = s.scalar(sa.select(sa.func.count()).select_from(RevisionRow).where(RevisionRow.base_id == row.id))
+            if used:
+                raise Conflict(f"base {name!r} is used by {used} revisions; remove them first (dsreg rm)")
+            s.execute(sa.delete(BaseTensorRow).where(BaseTensorRow.base_id == row.id))
+            s.delete(row)
             return self._base_info(row)
 
     def base_by_name(self, name: str) -> BaseInfo:
@@ -379,14 +558,21 @@ class Catalog:
 
     # ------------------------------------------------------------ revisions
 
-    def commit_revision(self, new: NewRevision) -> RevisionInfo:
-        """Record a pushed revision and its blobs in one transaction: all of it or none."""
+    def commit_revision(self, new: NewRevision, lease_id: str | None = None) -> RevisionInfo:
+        """Record a pushed revision and its blobs in one transaction: all of it or none.
+
+        The push's lease must still be live: it is what kept gc off the blobs since their upload.
+        """
         blobs = [e.blob for e in new.entries if e.blob]
-        with self.session() as s:
+        with self.session(lock="shared") as s:
+            if lease_id:
+                self._live_lease(s, lease_id)
             self._ensure_blobs(s, blobs)
             subject = self._subject_for_push(s, new.subject)
-            s.execute(sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(latest=SubjectRow.latest + 1))
-            number = s.scalar(sa.select(SubjectRow.latest).where(SubjectRow.id == subject.id))
+            s.execute(
+                sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(counter=SubjectRow.counter + 1, latest=SubjectRow.counter + 1)
+            )
+            number = s.scalar(sa.select(SubjectRow.counter).where(SubjectRow.id == subject.id))
             stored = sum({b.digest: b.size for b in blobs}.values())
             revision = RevisionRow(
                 subject_id=subject.id, number=number, base_id=new.base_id, energy=new.energy,
@@ -406,6 +592,8 @@ class Catalog:
                 for i, e in enumerate(new.entries)
             )
             s.flush()
+            if lease_id:
+                self._delete_lease(s, lease_id)
             return self._revision_info(s, revision, subject.name)
 
     def _subject_for_push(self, s: Session, name: str | None) -> SubjectRow:
@@ -425,7 +613,7 @@ class Catalog:
 
     @staticmethod
     def _insert_subject(s: Session, name: str) -> SubjectRow | None:
-        row = SubjectRow(name=name, latest=0)
+        row = SubjectRow(name=name, latest=0, counter=0)
         try:
             with s.begin_nested():
                 s.add(row)
@@ -461,6 +649,80 @@ class Catalog:
                 raise RevisionNotFound(f"subject {ref.subject!r} has no revisions left")
             raise RevisionNotFound(f"subject {ref.subject!r} has no revision {number} (latest is {subject.latest})")
         return subject, row
+
+    def remove(self, ref: Ref) -> list[RevisionInfo]:
+        """Remove one revision, or all of a subject's; their blobs stay until gc."""
+        with self.session(lock="shared") as s:
+            subject = self._subject_row(s, ref.subject)
+            if ref.revision is None:
+                revs = list(s.scalars(sa.select(RevisionRow).where(RevisionRow.subject_id == subject.id).order_by(RevisionRow.number)))
+            else:
+                revs = [self._revision_row(s, ref)[1]]
+            removed = [self._revision_info(s, r, subject.name) for r in revs]
+            self._delete_revisions(s, subject, [r.id for r in revs])
+            return removed
+
+    def remove_revisions(self, refs: Sequence[tuple[str, int]]) -> int:
+        """Remove the given (subject, number) pairs that still exist; returns how many were removed."""
+        removed = 0
+        with self.session(lock="shared") as s:
+            by_subject: dict[str, list[int]] = {}
+            for name, number in refs:
+                by_subject.setdefault(name, []).append(number)
+            for name, numbers in by_subject.items():
+                subject = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name))
+                if subject is None:
+                    continue
+                ids = list(s.scalars(sa.select(RevisionRow.id).where(RevisionRow.subject_id == subject.id, RevisionRow.number.in_(numbers))))
+                self._delete_revisions(s, subject, ids)
+                removed += len(ids)
+        return removed
+
+    @staticmethod
+    def _delete_revisions(s: Session, subject: SubjectRow, ids: list[int]) -> None:
+        for chunk in _chunks(ids, 500):
+            s.execute(sa.delete(TagRow).where(TagRow.revision_id.in_(chunk)))
+            s.execute(sa.delete(EntryRow).where(EntryRow.revision_id.in_(chunk)))
+            s.execute(sa.delete(RevisionRow).where(RevisionRow.id.in_(chunk)))
+        remaining = s.scalar(sa.select(sa.func.max(RevisionRow.number)).where(RevisionRow.subject_id == subject.id))
+        if remaining is None:
+            s.execute(sa.delete(TagRow).where(TagRow.subject_id == subject.id))
+            s.execute(sa.delete(SubjectRow).where(SubjectRow.id == subject.id))
+        else:
+            s.execute(sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(latest=remaining))
+
+    # ------------------------------------------------------------ retention policies
+
+    def set_policy(self, name: str, pattern: str, keep_last: int | None, max_age_seconds: int | None) -> PolicyInfo:
+        with self.session() as s:
+            row = s.get(PolicyRow, name) or PolicyRow(name=name)
+            row.pattern, row.keep_last, row.max_age_seconds = pattern, keep_last, max_age_seconds
+            s.add(row)
+            s.flush()
+            return _policy_info(row)
+
+    def policies(self) -> list[PolicyInfo]:
+        with self.session() as s:
+            return [_policy_info(r) for r in s.scalars(sa.select(PolicyRow).order_by(PolicyRow.name))]
+
+    def remove_policy(self, name: str) -> None:
+        with self.session() as s:
+            if s.get(PolicyRow, name) is None:
+                raise NotFound(f"no retention policy named {name!r}; `dsreg policy ls` lists them")
+            s.execute(sa.delete(PolicyRow).where(PolicyRow.name == name))
+
+    def retention_view(self, pattern: str) -> list[tuple[str, int, datetime, bool]]:
+        """(subject, number, created_at, tagged) of every revision of the subjects matching ``pattern``."""
+        tagged = sa.exists().where(TagRow.revision_id == RevisionRow.id)
+        q = (
+            sa.select(SubjectRow.name, RevisionRow.number, RevisionRow.created_at, tagged)
+            .join(RevisionRow, RevisionRow.subject_id == SubjectRow.id)
+            .order_by(SubjectRow.name, RevisionRow.number)
+        )
+        if pattern != "*":
+            q = q.where(SubjectRow.name.like(_like_pattern(pattern, prefix=False), escape="\\"))
+        with self.session() as s:
+            return [(n, num, _aware(c), bool(t)) for n, num, c, t in s.execute(q)]
 
     def revision(self, ref: Ref) -> RevisionInfo:
         with self.session() as s:
@@ -556,6 +818,13 @@ class Catalog:
         with self.session() as s:
             rows = s.execute(q).all()
             ids = [subj.id for subj, _, _ in rows]
+            counts: dict[int, int] = {}
+            for chunk in _chunks(ids, 500):
+                counts.update(
+                    s.execute(
+                        sa.select(RevisionRow.subject_id, sa.func.count()).where(RevisionRow.subject_id.in_(chunk)).group_by(RevisionRow.subject_id)
+                    ).all()
+                )
             tags: dict[int, list[str]] = {}
             rev_tags: dict[int, list[str]] = {}
             for chunk in _chunks(ids, 500):
@@ -573,7 +842,7 @@ class Catalog:
                     n_changed=rev.n_changed, source_digest=rev.source_digest, source_format=rev.source_format,
                     tags=tuple(rev_tags.get(rev.id, ())),
                 )
-                out.append(SubjectInfo(subj.name, _aware(subj.created_at), subj.latest, latest, tuple(tags.get(subj.id, ()))))
+                out.append(SubjectInfo(subj.name, _aware(subj.created_at), counts.get(subj.id, 0), latest, tuple(tags.get(subj.id, ()))))
             return out
 
     def stats(self) -> Stats:
@@ -594,10 +863,30 @@ class Catalog:
             return Stats(n_bases, n_subjects, n_revisions, int(original), int(stored), int(base_bytes))
 
 
-def _like_pattern(pattern: str) -> str:
-    """``*`` matches anything; without one the pattern is a prefix. LIKE's own wildcards are escaped."""
+def _like_pattern(pattern: str, prefix: bool = True) -> str:
+    """``*`` matches anything; without one the pattern is a prefix (or, with ``prefix=False``, exact)."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%") if "*" in pattern else escaped + "%"
+    if "*" in pattern:
+        return escaped.replace("*", "%")
+    return escaped + "%" if prefix else escaped
+
+
+def _insert_ignore(s: Session, model, rows: list[dict], keys: list[str]) -> None:
+    """INSERT .. ON CONFLICT DO NOTHING, in key order so that overlapping writers cannot deadlock."""
+    if not rows:
+        return
+    rows = sorted(rows, key=lambda r: tuple(r[k] for k in keys))
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    for chunk in _chunks(rows, 500):
+        s.execute(insert(model).on_conflict_do_nothing(index_elements=keys), chunk)
+
+
+def _policy_info(row: PolicyRow) -> PolicyInfo:
+    return PolicyInfo(row.name, row.pattern, row.keep_last, row.max_age_seconds)
 
 
 def _chunks(items: list, n: int):

@@ -17,11 +17,15 @@ ENV_CACHE_DIR = "DSREG_CACHE_DIR"
 ENV_CACHE_SIZE = "DSREG_CACHE_SIZE"
 ENV_STORE_OPTIONS = "DSREG_STORE_OPTIONS"
 ENV_S3_ENDPOINT = "DSREG_S3_ENDPOINT_URL"
+ENV_LEASE_TTL = "DSREG_LEASE_TTL"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_FACTOR_DTYPE = "fp16"
 ZSTD_LEVEL = 3
 DEFAULT_CACHE_SIZE = 20 * 10**9
+# How long a write's claim on its blobs outlives its last heartbeat (a crashed push's blobs become
+# collectable after this, plus the gc grace period).
+DEFAULT_LEASE_TTL = 600.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Settings:
     store_options: dict = field(default_factory=dict)
     cache_dir: Path = Path(".")
     cache_size: int = DEFAULT_CACHE_SIZE
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
     @classmethod
     def resolve(
@@ -53,6 +58,7 @@ class Settings:
             store_options=options,
             cache_dir=Path(os.environ.get(ENV_CACHE_DIR) or home_path / "cache").expanduser(),
             cache_size=parse_size(os.environ.get(ENV_CACHE_SIZE) or DEFAULT_CACHE_SIZE),
+            lease_ttl=parse_duration(os.environ.get(ENV_LEASE_TTL) or str(DEFAULT_LEASE_TTL)),
         )
 
 
@@ -93,3 +99,16 @@ def redact(text: str) -> str:
     """Hide passwords in URLs and secret query parameters, so that no message or log leaks them."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _SECRET_PARAM.sub(r"\1***", text)
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d|w)?\s*")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from ``90s``, ``30m``, ``6h``, ``7d``, ``2w`` or a plain number of seconds."""
+    match = _DURATION.fullmatch(value)
+    if not match:
+        raise UsageError(f"cannot read {value!r} as a duration; write e.g. 0, 90s, 30m, 6h or 7d")
+    number, unit = match.groups()
+    return float(number) * _SECONDS[unit or "s"]

@@ -139,3 +139,41 @@ class CheckoutResult:
     n_tensors: int
     nbytes: int
     device: str
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A retention rule applied by gc to the subjects matching ``pattern`` (``*`` wildcards).
+
+    A revision is removed when it is outside the newest ``keep_last`` of its subject, or older than
+    ``max_age_seconds``; a revision that carries a tag is never removed.
+    """
+
+    name: str
+    pattern: str
+    keep_last: int | None
+    max_age_seconds: int | None
+
+
+@dataclass(frozen=True)
+class GcReport:
+    dry_run: bool
+    expired: tuple[str, ...]  # revisions removed (or, dry run, to be removed) by retention policies
+    removed_objects: int
+    removed_bytes: int
+    young_objects: int  # younger than the grace period: not considered
+    leased_objects: int  # unreferenced, but claimed by a write in progress
+    expired_leases: int
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    full: bool
+    checked: int  # objects looked at
+    missing: tuple[tuple[str, str], ...]  # (digest, who references it)
+    corrupt: tuple[tuple[str, str], ...]  # (digest, what is wrong)
+    orphans: tuple[str, ...]  # stored objects nothing references (gc takes them after the grace)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt

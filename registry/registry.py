@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,17 +17,19 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import codec, deltasvd
+from . import codec, deltasvd, gc
 from .blobstore import BlobStore
 from .cache import BlobCache
-from .catalog import BaseTensor, BlobRecord, Catalog, NewEntry, NewRevision, StoredEntry
+from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, source_digest, write_checkpoint
 from .config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
 from .errors import AmbiguousBase, BaseMismatch, Conflict, NonFiniteWeights, UsageError
 from .layers import layer_group
 from .names import Ref, parse_ref, validate_name
 from .pipeline import Background, prefetch
-from .records import BaseInfo, CheckoutResult, GroupSummary, RevisionDetail, RevisionInfo, Stats, SubjectInfo
+from .records import (
+    BaseInfo, CheckoutResult, GcReport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, VerifyReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +108,31 @@ class Registry:
                 return existing, False
             if any(b.name == name for b in self.catalog.bases()):
                 raise Conflict(f"a different base is already named {name!r}; choose another --name")
-            tensors, blobs = self._upload_base_tensors(ckpt, scanned, progress)
-        return self.catalog.add_base(name, digest, ckpt.layout.to_json(), tensors, blobs, scanned.nbytes), True
+            with self._lease(f"base add {name}") as lease:
+                tensors, blobs = self._upload_base_tensors(ckpt, scanned, lease, progress)
+                return self.catalog.add_base(name, digest, ckpt.layout.to_json(), tensors, blobs, scanned.nbytes, lease.id), True
 
-    def _upload_base_tensors(self, ckpt: Checkpoint, scanned: _Scanned, progress: Progress):
+    def _lease(self, what: str) -> Lease:
+        return self.catalog.lease(f"{what} on {socket.gethostname()} pid {os.getpid()}", self.settings.lease_ttl)
+
+    def _upload_base_tensors(self, ckpt: Checkpoint, scanned: _Scanned, lease: Lease, progress: Progress):
         tensors: list[BaseTensor] = []
         blobs: dict[str, BlobRecord] = {}
         by_tensor: dict[str, BlobRecord] = {}
         with Background() as uploads:
             for i, spec in enumerate(scanned.specs):
                 tdigest = scanned.digests[spec.key]
-                blob = by_tensor.get(tdigest) or self.catalog.blob_for_tensor(tdigest)
+                blob = by_tensor.get(tdigest)
+                if blob is None:
+                    blob = self.catalog.blob_for_tensor(tdigest)
+                    if blob is not None:
+                        lease.claim([blob.digest])
+                        if not self.store.exists(blob.digest):  # collected since its base was removed
+                            blob = None
                 if blob is None:
                     data, raw = codec.encode({"tensor": ckpt.get(spec.key)})
                     blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
+                    lease.claim([blob.digest])
                     uploads.submit(self.store.put, data, blob.digest)
                 by_tensor[tdigest] = blob
                 blobs[blob.digest] = blob
@@ -159,13 +174,14 @@ class Registry:
             scanned = self._scan(ckpt, progress)
             base_name = base or self._detect_base(ckpt, scanned)
             base_tensors = self._fitting_base(base_name, scanned)
-            entries = self._compress(ckpt, scanned, base_tensors, energy, codec.FACTOR_DTYPES[factor_dtype], method, dev, progress)
-            new = NewRevision(
-                subject=subject, base_id=self.catalog.base_id(base_name), energy=energy, factor_dtype=factor_dtype,
-                original_bytes=scanned.nbytes, source_digest=source.result(), source_format=ckpt.layout.format,
-                layout={**ckpt.layout.to_json(), "source_name": Path(path).name}, entries=tuple(entries),
-            )
-        return self.catalog.commit_revision(new)
+            with self._lease(f"push {subject or 'new subject'}") as lease:
+                entries = self._compress(ckpt, scanned, base_tensors, lease, energy, codec.FACTOR_DTYPES[factor_dtype], method, dev, progress)
+                new = NewRevision(
+                    subject=subject, base_id=self.catalog.base_id(base_name), energy=energy, factor_dtype=factor_dtype,
+                    original_bytes=scanned.nbytes, source_digest=source.result(), source_format=ckpt.layout.format,
+                    layout={**ckpt.layout.to_json(), "source_name": Path(path).name}, entries=tuple(entries),
+                )
+                return self.catalog.commit_revision(new, lease.id)
 
     def _scan(self, ckpt: Checkpoint, progress: Progress) -> _Scanned:
         digests = {}
@@ -226,7 +242,7 @@ class Registry:
     def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
         return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
 
-    def _compress(self, ckpt, scanned, base, energy, factor_dtype, method, device, progress) -> list[NewEntry]:
+    def _compress(self, ckpt, scanned, base, lease, energy, factor_dtype, method, device, progress) -> list[NewEntry]:
         specs = scanned.specs
         changed = [s for s in specs if scanned.digests[s.key] != base[s.key].tensor_digest]
         entries: dict[str, NewEntry] = {}
@@ -241,6 +257,7 @@ class Registry:
             for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=3, workers=3)):
                 entry, data = self._compress_one(spec, ft, bt, scanned.digests[spec.key], energy, factor_dtype, method, device)
                 if data is not None:
+                    lease.claim([entry.blob.digest])  # before the upload checks whether the blob exists
                     uploads.submit(self.store.put, data, entry.blob.digest)
                 entries[spec.key] = entry
                 progress("compress", i + 1, len(changed))
@@ -342,6 +359,44 @@ class Registry:
 
     def stats(self) -> Stats:
         return self.catalog.stats()
+
+    # ------------------------------------------------------------ removal, retention, gc, verify
+
+    def rm(self, ref: str | Ref) -> list[RevisionInfo]:
+        """Remove a revision (``SUBJECT@REV``) or a whole subject from the catalog; gc frees the bytes."""
+        return self.catalog.remove(parse_ref(ref) if isinstance(ref, str) else ref)
+
+    def remove_base(self, name: str) -> BaseInfo:
+        """Remove a base that no revision uses any more."""
+        validate_name(name, "base")
+        return self.catalog.remove_base(name)
+
+    def set_policy(self, name: str, pattern: str = "*", keep_last: int | None = None, max_age: float | None = None) -> PolicyInfo:
+        """Store a retention policy for gc to apply (``max_age`` in seconds)."""
+        validate_name(name, "policy")
+        if keep_last is None and max_age is None:
+            raise UsageError("a retention policy needs --keep-last or --max-age (or both)")
+        if keep_last is not None and keep_last < 1:
+            raise UsageError("--keep-last must be at least 1")
+        if not re.fullmatch(r"[A-Za-z0-9._*-]{1,256}", pattern):
+            raise UsageError(f"invalid subject pattern {pattern!r}: use name characters and * wildcards")
+        return self.catalog.set_policy(name, pattern, keep_last, None if max_age is None else int(max_age))
+
+    def policies(self) -> list[PolicyInfo]:
+        return self.catalog.policies()
+
+    def remove_policy(self, name: str) -> None:
+        self.catalog.remove_policy(name)
+
+    def gc(self, grace: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Apply retention policies, then delete unreferenced objects older than ``grace`` seconds."""
+        if grace < 0:
+            raise UsageError("--grace cannot be negative")
+        return gc.collect(self.catalog, self.store, grace, dry_run)
+
+    def verify(self, full: bool = False, progress: Progress | None = None) -> VerifyReport:
+        """Check that every reference resolves (and, with ``full``, that every object hashes to its name)."""
+        return gc.verify(self.catalog, self.store, full, progress)
 
 
 # ---------------------------------------------------------------- helpers

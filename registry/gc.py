@@ -1,0 +1,167 @@
+"""Garbage collection, retention and verification, safe while pushes run.
+
+The protocol (also in the README):
+
+1. A write (push, base add) opens a *lease* in the catalog and records in it every blob digest it
+   will reference *before* it checks whether the blob exists or uploads it. A heartbeat keeps the
+   lease live; its commit checks the lease is still live and, in one transaction, inserts the blob
+   rows and references and deletes the lease.
+2. gc lists the store, keeps objects younger than the grace period, and deletes the rest in
+   batches. Each batch is one catalog transaction holding the exclusive write lock (a Postgres
+   advisory lock that lease registrations and commits take shared; on SQLite every write is
+   exclusive): inside it, gc re-reads which digests of the batch a committed row references or a
+   live lease claims, deletes the others from the store, and drops their blob rows.
+
+A lease registration therefore happens either before a batch (gc sees the claim and keeps the
+object) or after it (the write sees the object gone and uploads it again); a commit either
+precedes a batch (the references protect the blobs) or follows it (the lease did). A crashed
+write's lease expires after ``DSREG_LEASE_TTL`` seconds without a heartbeat; its blobs are then
+ordinary orphans that the next gc past the grace period collects. One gc runs at a time: a Postgres
+session advisory lock, or an ``flock`` beside the SQLite file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlalchemy as sa
+
+from .blobstore import BlobStore
+from .catalog import GC_LOCK, Catalog
+from .errors import Conflict, IntegrityError
+from .pipeline import prefetch
+from .records import GcReport, PolicyInfo, VerifyReport
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 1000
+
+
+@contextmanager
+def single_gc(catalog: Catalog) -> Iterator[None]:
+    """Hold the one-gc-at-a-time lock for the catalog, or raise Conflict if another gc has it."""
+    if catalog.dialect == "postgresql":
+        conn = catalog.engine.connect()
+        try:
+            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": GC_LOCK}).scalar()
+            conn.commit()
+            if not got:
+                raise Conflict("another gc is running on this catalog; try again when it has finished")
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": GC_LOCK})
+                conn.commit()
+        finally:
+            conn.close()
+        return
+    database = catalog.engine.url.database
+    path = Path(f"{database}.gc-lock") if database and database != ":memory:" else None
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict("another gc is running on this catalog; try again when it has finished") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def expired_by_policies(catalog: Catalog, policies: list[PolicyInfo], now: datetime) -> list[tuple[str, int]]:
+    """(subject, number) of every revision some policy expires; tagged revisions never are."""
+    doomed: set[tuple[str, int]] = set()
+    for policy in policies:
+        by_subject: dict[str, list[tuple[int, datetime, bool]]] = {}
+        for name, number, created, tagged in catalog.retention_view(policy.pattern):
+            by_subject.setdefault(name, []).append((number, created, tagged))
+        for name, revs in by_subject.items():
+            revs.sort(reverse=True)
+            for i, (number, created, tagged) in enumerate(revs):
+                if tagged:
+                    continue
+                too_many = policy.keep_last is not None and i >= policy.keep_last
+                too_old = policy.max_age_seconds is not None and created < now - timedelta(seconds=policy.max_age_seconds)
+                if too_many or too_old:
+                    doomed.add((name, number))
+    return sorted(doomed)
+
+
+def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = False) -> GcReport:
+    """Apply retention, then delete every stored object nothing references, older than ``grace`` seconds."""
+    with single_gc(catalog):
+        now = datetime.now(timezone.utc)
+        expired = expired_by_policies(catalog, catalog.policies(), now)
+        if expired and not dry_run:
+            catalog.remove_revisions(expired)
+        expired_leases = 0 if dry_run else catalog.drop_expired_leases()
+        cutoff = now - timedelta(seconds=grace)
+        old, young = [], 0
+        for obj in store.list():
+            # Unknown age counts as young: never delete what cannot be shown to be old.
+            if obj.modified is not None and obj.modified <= cutoff:
+                old.append(obj)
+            else:
+                young += 1
+        removed = removed_bytes = leased = 0
+        for start in range(0, len(old), SWEEP_BATCH):
+            batch = old[start : start + SWEEP_BATCH]
+            with catalog.session(lock="exclusive") as s:
+                referenced, claimed = catalog.claims(s, [o.digest for o in batch])
+                doomed = [o for o in batch if o.digest not in referenced and o.digest not in claimed]
+                if not dry_run and doomed:
+                    store.delete_many([o.digest for o in doomed])
+                    catalog.forget_blobs(s, [o.digest for o in doomed])
+                removed += len(doomed)
+                removed_bytes += sum(o.size for o in doomed)
+                leased += len(claimed - referenced)
+        if not dry_run:
+            # Rows whose object is gone already (an earlier gc died between store and catalog).
+            with catalog.session(lock="exclusive") as s:
+                stale = catalog.unreferenced_blob_rows(s, cutoff)
+                _, claimed = catalog.claims(s, stale)
+                catalog.forget_blobs(s, [d for d in stale if d not in claimed])
+        return GcReport(
+            dry_run=dry_run,
+            expired=tuple(f"{n}@{r}" for n, r in expired),
+            removed_objects=removed,
+            removed_bytes=removed_bytes,
+            young_objects=young,
+            leased_objects=leased,
+            expired_leases=expired_leases,
+        )
+
+
+def verify(catalog: Catalog, store: BlobStore, full: bool = False, progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
+    """Every reference resolves to a stored object of the recorded size; with ``full``, every object's bytes hash to its name."""
+    references = catalog.references()
+    sizes = catalog.blob_sizes()
+    stored = {b.digest: b.size for b in store.list()}
+    missing = tuple(sorted((d, who) for d, who in references.items() if d not in stored))
+    corrupt = [(d, f"{stored[d]} bytes stored, {sizes[d]} recorded") for d in sorted(references) if d in stored and d in sizes and stored[d] != sizes[d]]
+    if full:
+        digests = sorted(stored)
+
+        def check(digest: str) -> tuple[str, str | None]:
+            try:
+                store.get(digest)
+            except IntegrityError as exc:
+                return digest, str(exc)
+            return digest, None
+
+        for i, (digest, problem) in enumerate(prefetch(check, digests, window=16, workers=8)):
+            if problem and all(d != digest for d, _ in corrupt):
+                corrupt.append((digest, problem))
+            if progress:
+                progress("verify", i + 1, len(digests))
+    orphans = tuple(sorted(d for d in stored if d not in references))
+    return VerifyReport(full=full, checked=len(stored), missing=missing, corrupt=tuple(corrupt), orphans=orphans)

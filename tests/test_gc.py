@@ -1,0 +1,263 @@
+"""Removal, retention, gc and verify — on both engine pairs, and safe while pushes run."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from registry import Conflict, Registry
+from registry.gc import single_gc
+
+from .conftest import snapshot
+
+
+def _orphans(reg: Registry) -> list[str]:
+    return list(reg.verify().orphans)
+
+
+@pytest.fixture
+def two_revisions(reg_base, models):
+    a = reg_base.push(models.ft, "s", energy=0.2)
+    b = reg_base.push(models.ft, "s", energy=0.8)
+    return reg_base, a, b
+
+
+def test_rm_then_gc_frees_only_what_nothing_references(two_revisions, tmp_path):
+    reg, a, b = two_revisions
+    only_a = {t.blob for t in reg.show(a.ref).tensors if t.blob} - {t.blob for t in reg.show(b.ref).tensors if t.blob}
+    assert only_a
+    assert [r.ref for r in reg.rm(a.ref)] == ["s@1"]
+    assert set(_orphans(reg)) == only_a
+    report = reg.gc(grace=0)
+    assert report.removed_objects == len(only_a) and report.removed_bytes > 0
+    assert _orphans(reg) == []
+    assert reg.verify(full=True).ok
+    reg.checkout("s@2", tmp_path / "b.safetensors")
+    assert reg.revision("s").number == 2
+
+
+def test_dry_run_and_grace_remove_nothing(two_revisions):
+    reg, a, _ = two_revisions
+    reg.rm(a.ref)
+    before = snapshot(reg)
+    dry = reg.gc(grace=0, dry_run=True)
+    assert dry.dry_run and dry.removed_objects > 0
+    young = reg.gc(grace=3600)
+    assert young.removed_objects == 0 and young.young_objects > 0
+    assert snapshot(reg) == before
+
+
+def test_revision_numbers_are_never_reused(two_revisions, models):
+    reg, _, b = two_revisions
+    reg.rm(b.ref)
+    assert reg.revision("s").number == 1
+    assert reg.push(models.ft, "s").number == 3
+
+
+def test_removing_a_whole_subject(two_revisions):
+    reg, _, _ = two_revisions
+    assert [r.ref for r in reg.rm("s")] == ["s@1", "s@2"]
+    assert reg.subjects() == []
+    reg.gc(grace=0)
+    assert reg.stats().stored_bytes == 0
+
+
+def test_retention_keep_last_and_tags(reg_base, models):
+    for tau in (0.2, 0.3, 0.4, 0.5):
+        reg_base.push(models.ft, "kept", energy=tau)
+    reg_base.push(models.ft, "other", energy=0.2)
+    reg_base.tag("kept@1", "golden")
+    reg_base.set_policy("last-two", "kep*", keep_last=2)
+    report = reg_base.gc(grace=0)
+    assert report.expired == ("kept@2",)
+    assert [r.number for r in reg_base.revisions("kept")] == [1, 3, 4]
+    assert [r.number for r in reg_base.revisions("other")] == [1]
+    assert reg_base.verify(full=True).ok and _orphans(reg_base) == []
+
+
+def test_retention_max_age(reg_base, models):
+    reg_base.push(models.ft, "old", energy=0.2)
+    reg_base.push(models.ft, "old", energy=0.3)
+    reg_base.tag("old@2", "keep")
+    reg_base.set_policy("expire-all", "*", max_age=0)
+    assert [p.name for p in reg_base.policies()] == ["expire-all"]
+    report = reg_base.gc(grace=0)
+    assert report.expired == ("old@1",)
+    assert [r.number for r in reg_base.revisions("old")] == [2]
+    reg_base.remove_policy("expire-all")
+    assert reg_base.policies() == []
+
+
+def test_a_used_base_cannot_be_removed(reg_base, models):
+    reg_base.push(models.ft, "s")
+    with pytest.raises(Conflict, match="used by 1 revisions"):
+        reg_base.remove_base("tiny")
+    reg_base.rm("s")
+    reg_base.remove_base("tiny")
+    reg_base.gc(grace=0)
+    assert list(reg_base.store.list()) == []
+
+
+def test_only_one_gc_at_a_time(reg_base):
+    with single_gc(reg_base.catalog):
+        with pytest.raises(Conflict, match="another gc"):
+            reg_base.gc(grace=0)
+    reg_base.gc(grace=0)
+
+
+def test_verify_reports_missing_and_corrupt_objects(engine, reg_base, models, tmp_path):
+    reg_base.push(models.ft, "s")
+    args = ["--home", str(tmp_path / "registry"), *engine.cli_args(), "-q", "verify"]
+    ok = CliRunner().invoke(cli, args + ["--full"])
+    assert ok.exit_code == 0 and ok.stdout.startswith("ok:"), ok.output
+    blobs = [t.blob for t in reg_base.show("s").tensors if t.kind == "lowrank"]
+    reg_base.store.delete(blobs[0])
+    path = reg_base.store.path(blobs[1])
+    reg_base.store.fs.pipe_file(path, reg_base.store.fs.cat_file(path)[:-1] + b"!")
+    listed = CliRunner().invoke(cli, args)
+    assert listed.exit_code == 7 and f"missing  {blobs[0]}  referenced by s@1" in listed.stdout
+    hashed = CliRunner().invoke(cli, args + ["--full"])
+    assert hashed.exit_code == 7 and f"corrupt  {blobs[1]}" in hashed.stdout
+
+
+def test_cli_rm_policy_gc(engine, models, tmp_path):
+    base = ["--home", str(tmp_path / "h"), *engine.cli_args(), "-q"]
+
+    def run(*args):
+        result = CliRunner().invoke(cli, base + list(map(str, args)))
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "a", "-e", "0.2")
+    run("push", models.ft, "-s", "a", "-e", "0.9")
+    assert run("rm", "a@1").startswith("removed a@1")
+    assert "would remove" in run("gc", "--dry-run", "--grace", "0")
+    assert run("gc", "--grace", "0").startswith("removed ")
+    assert "keep last 1" in run("policy", "set", "one", "--keep-last", "1")
+    assert "one" in run("policy", "ls")
+    run("policy", "rm", "one")
+    assert run("verify", "--full").startswith("ok:")
+
+
+# ---------------------------------------------------------------- crashes and concurrency
+
+_BLOCKED_PUSH = textwrap.dedent(
+    """
+    import sys, time
+    from registry import catalog
+
+    def never_commits(self, new, lease_id=None):
+        open(sys.argv[4], "w").write("uploaded")
+        time.sleep(3600)
+
+    catalog.Catalog.commit_revision = never_commits
+    from registry import Registry
+    with Registry.open(sys.argv[1], sys.argv[2], home=sys.argv[3]) as r:
+        r.push(sys.argv[5], "killed", base="tiny", device="cpu")
+    """
+)
+
+
+def test_a_push_killed_between_upload_and_commit(engine, open_registry, models, tmp_path):
+    with open_registry() as reg:
+        reg.add_base(models.base, "tiny")
+        before = {b.digest for b in reg.store.list()}
+    ready = tmp_path / "ready"
+    env = {**os.environ, "DSREG_LEASE_TTL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_PUSH, engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(ready), str(models.ft)],
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the push never reached its commit"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_registry() as reg:
+        uploaded = {b.digest for b in reg.store.list()} - before
+        assert uploaded and reg.subjects() == []
+        # The lease is still live: even a grace of 0 must not take the blobs.
+        assert reg.gc(grace=0).removed_objects == 0
+        time.sleep(3.5)  # the lease expires without its heartbeat
+        # Orphans now, but younger than the grace period: kept.
+        assert reg.gc(grace=3600).removed_objects == 0
+        assert uploaded <= {b.digest for b in reg.store.list()}
+        report = reg.gc(grace=0)
+        assert report.removed_objects == len(uploaded)
+        assert {b.digest for b in reg.store.list()} == before
+        assert reg.verify(full=True).ok
+        assert reg.push(models.ft, "killed", base="tiny").number == 1  # the push, repeated, succeeds
+
+
+def _digest_of(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _pusher(args) -> list[tuple[str, str]]:
+    catalog, store, home, workdir, source, subject, seconds = args
+    kept: list[tuple[str, str]] = []
+    deadline = time.monotonic() + seconds
+    energies = [0.2, 0.5]
+    with Registry.open(catalog, store, home=home) as r:
+        i = 0
+        while time.monotonic() < deadline or i < 2:
+            rev = r.push(source, subject, base="tiny", energy=energies[i % 2], device="cpu")
+            out = r.checkout(rev.ref, f"{workdir}/{subject}-{rev.number}.safetensors", device="cpu").path
+            kept.append((rev.ref, _digest_of(out)))
+            if i % 2 == 1:
+                # Remove the previous revision: its blobs turn to garbage, and the next push
+                # produces exactly those blobs again while gc is trying to collect them.
+                r.rm(kept[-2][0])
+                kept.pop(-2)
+            i += 1
+    return kept
+
+
+def _collector(args) -> tuple[int, int]:
+    catalog, store, home, seconds = args
+    runs = removed = 0
+    deadline = time.monotonic() + seconds
+    with Registry.open(catalog, store, home=home) as r:
+        while time.monotonic() < deadline:
+            try:
+                removed += r.gc(grace=0).removed_objects
+                runs += 1
+            except Conflict:
+                pass
+            time.sleep(0.05)
+    return runs, removed
+
+
+def test_gc_while_pushing_loses_nothing(engine, open_registry, models, tmp_path):
+    with open_registry() as reg:
+        reg.add_base(models.base, "tiny")
+    home, seconds = str(tmp_path / "registry"), 12
+    work = tmp_path / "out"
+    work.mkdir()
+    sources = [models.ft, models.ft_fp16, models.ft]
+    jobs = [(engine.catalog_url, engine.store_url, home, str(work), str(src), f"p{i}", seconds) for i, src in enumerate(sources)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(len(jobs) + 1) as pool:
+        gc_job = pool.apply_async(_collector, [(engine.catalog_url, engine.store_url, home, seconds + 2)])
+        kept = [ref for part in pool.map(_pusher, jobs) for ref in part]
+        runs, removed = gc_job.get()
+    assert runs > 0 and removed > 0  # gc really ran, and really collected, during the pushes
+    with open_registry() as reg:
+        for ref, digest in kept:
+            out = reg.checkout(ref, tmp_path / "again.safetensors", device="cpu").path
+            assert _digest_of(out) == digest, ref
+        assert reg.verify(full=True).ok
+        reg.gc(grace=0)
+        assert _orphans(reg) == []
