@@ -37,7 +37,10 @@ class BlobCache:
             data = None
         if data is not None:
             if sha256_hex(data) == digest:
-                os.utime(path)  # mtime is the LRU clock
+                try:
+                    os.utime(path)  # mtime is the LRU clock
+                except FileNotFoundError:  # evicted by another thread since the read: the bytes are good
+                    pass
                 return data
             log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
             path.unlink(missing_ok=True)
@@ -54,14 +57,18 @@ class BlobCache:
         os.replace(tmp, path)
         self.evict()
 
-    def evict(self) -> None:
+    def _entries(self) -> list[tuple[float, int, Path]]:
         entries = []
         for f in self.directory.glob("??/*"):
             try:
                 st = f.stat()
-            except FileNotFoundError:  # evicted by another process meanwhile
+            except FileNotFoundError:  # evicted by another thread or process meanwhile
                 continue
             entries.append((st.st_mtime, st.st_size, f))
+        return entries
+
+    def evict(self) -> None:
+        entries = self._entries()
         total = sum(size for _, size, _ in entries)
         for _, size, f in sorted(entries):
             if total <= self.max_bytes:
@@ -70,4 +77,4 @@ class BlobCache:
             total -= size
 
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self.directory.glob("??/*"))
+        return sum(size for _, size, _ in self._entries())

@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from . import codec, deltasvd, gc
 from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
-from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, source_digest, write_checkpoint
+from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, write_checkpoint
 from .config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
 from .errors import AmbiguousBase, BaseMismatch, Conflict, NonFiniteWeights, UsageError
 from .layers import layer_group
@@ -61,6 +60,7 @@ class _Scanned:
     specs: list[TensorSpec]
     digests: dict[str, str]
     nbytes: int
+    source_digest: str
 
 
 class Registry:
@@ -169,8 +169,7 @@ class Registry:
             raise UsageError(f"unknown method {method!r}; use one of {', '.join(deltasvd.METHODS)}")
         dev = resolve_device(device)
         progress = progress or _quiet
-        with ThreadPoolExecutor(1) as hasher, open_checkpoint(path) as ckpt:
-            source = hasher.submit(source_digest, path)
+        with open_checkpoint(path) as ckpt:
             scanned = self._scan(ckpt, progress)
             base_name = base or self._detect_base(ckpt, scanned)
             base_tensors = self._fitting_base(base_name, scanned)
@@ -178,7 +177,7 @@ class Registry:
                 entries = self._compress(ckpt, scanned, base_tensors, lease, energy, codec.FACTOR_DTYPES[factor_dtype], method, dev, progress)
                 new = NewRevision(
                     subject=subject, base_id=self.catalog.base_id(base_name), energy=energy, factor_dtype=factor_dtype,
-                    original_bytes=scanned.nbytes, source_digest=source.result(), source_format=ckpt.layout.format,
+                    original_bytes=scanned.nbytes, source_digest=scanned.source_digest, source_format=ckpt.layout.format,
                     layout={**ckpt.layout.to_json(), "source_name": Path(path).name}, entries=tuple(entries),
                 )
                 return self.catalog.commit_revision(new, lease.id)
@@ -191,7 +190,7 @@ class Registry:
                 raise NonFiniteWeights(f"{ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
             digests[spec.key] = codec.tensor_digest(tensor)
             progress("read", i + 1, len(ckpt.specs))
-        return _Scanned(ckpt.specs, digests, ckpt.nbytes)
+        return _Scanned(ckpt.specs, digests, ckpt.nbytes, ckpt.file_digest())
 
     def _fitting_base(self, name: str, scanned: _Scanned) -> dict[str, BaseTensor]:
         tensors = {t.key: t for t in self.catalog.base_tensors(name)}
@@ -253,8 +252,10 @@ class Registry:
         def load(spec: TensorSpec):
             return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key])
 
-        with Background() as uploads:
-            for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=3, workers=3)):
+        # Two tensors read ahead and four uploads in flight: enough to keep both cores busy, and a
+        # bound on memory of a few of the largest layers (the 1.5 GB target at SD1.5 size).
+        with Background(workers=4, limit=4) as uploads:
+            for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
                 entry, data = self._compress_one(spec, ft, bt, scanned.digests[spec.key], energy, factor_dtype, method, device)
                 if data is not None:
                     lease.claim([entry.blob.digest])  # before the upload checks whether the blob exists

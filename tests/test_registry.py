@@ -265,3 +265,32 @@ def test_checkout_on_a_machine_with_only_the_registry(tmp_path, models):
     with Registry.open(home=moved) as r:
         out = r.checkout("portable", tmp_path / "p.safetensors")
     _assert_same_layout(load_file(out.path), models.ft_sd)
+
+
+def test_fast_and_exact_methods_store_the_same_ranks_and_weights(reg_base, models, tmp_path):
+    fast = reg_base.push(models.ft, "fast", energy=0.5, method="gram", factor_dtype="fp32")
+    exact = reg_base.push(models.ft, "exact", energy=0.5, method="svd", factor_dtype="fp32")
+    fast_t = {t.key: t for t in reg_base.show(fast.ref).tensors}
+    exact_t = {t.key: t for t in reg_base.show(exact.ref).tensors}
+    for key, t in fast_t.items():
+        if t.kind == "lowrank":
+            assert abs(t.rank - exact_t[key].rank) <= 1, key
+    a = load_file(reg_base.checkout(fast.ref, tmp_path / "fast.safetensors").path)
+    b = load_file(reg_base.checkout(exact.ref, tmp_path / "exact.safetensors").path)
+    for key in a:
+        if fast_t[key].kind != "lowrank" or fast_t[key].rank == exact_t[key].rank:
+            delta = models.ft_sd[key] - models.base_sd[key]
+            assert torch.linalg.vector_norm(a[key] - b[key]) <= 1e-4 * torch.linalg.vector_norm(delta) + 1e-7, key
+
+
+@pytest.mark.parametrize("which", ["ft", "ft_ckpt", "ft_diffusers"])
+def test_the_source_digest_is_the_sha256_of_what_was_pushed(reg_base, models, which):
+    import hashlib
+
+    from registry.checkpoint import source_digest
+
+    path = getattr(models, which)
+    rev = reg_base.push(path, "src")
+    assert rev.source_digest == source_digest(path)
+    if path.is_file():
+        assert rev.source_digest == hashlib.sha256(path.read_bytes()).hexdigest()
