@@ -16,7 +16,7 @@ from pathlib import Path
 
 from registry import Registry
 from registry.catalog import BaseTensor, BlobRecord
-from tests.engines import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database, postgres_available
+from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 
 def fill(reg: Registry, n: int) -> None:
@@ -49,9 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsreg-bench-gc-"))
     postgres_available()
-    server = SeaweedFS(work / "seaweedfs")
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+    with seaweedfs(work / "seaweedfs"):
+        run(args, work)
+
+
+def run(args, work: Path) -> None:
     pg = create_database()
     try:
         rows = {}
@@ -66,7 +68,6 @@ def main() -> None:
             print(f"{label:<26} {fill_s:>8.1f} {dry_s:>13.1f} {gc_s:>8.1f} {removed:>9,} {removed / gc_s:>10,.0f} {gc_s / local_gc:>11.2f}x")
     finally:
         drop_database(pg)
-        server.stop()
 
 
 if __name__ == "__main__":

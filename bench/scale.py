@@ -7,7 +7,6 @@ throughput on the local folder vs a SeaweedFS S3 server, measured side by side i
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 from registry import Registry
 from registry.catalog import BaseRow, Catalog, RevisionRow, SubjectRow, TagRow
 from registry.demo import TinyUNet, state_dict
-from tests.engines import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database, postgres_available
+from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 
 def seed_catalog(catalog: Catalog, n: int) -> None:
@@ -110,9 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsreg-bench-"))
     postgres_available()
-    server = SeaweedFS(work / "seaweedfs")
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+    with seaweedfs(work / "seaweedfs"):
+        run(args, work)
+
+
+def run(args, work: Path) -> None:
     pg_urls = [create_database(), create_database()]
     try:
         print(f"catalog queries at {args.subjects:,} subjects, {args.repeats} runs each (ms)")
@@ -157,7 +158,6 @@ def main() -> None:
     finally:
         for url in pg_urls:
             drop_database(url)
-        server.stop()
 
 
 if __name__ == "__main__":

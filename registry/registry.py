@@ -127,7 +127,7 @@ class Registry:
                     blob = self.catalog.blob_for_tensor(tdigest)
                     if blob is not None:
                         lease.claim([blob.digest])
-                        if not self.store.exists(blob.digest):  # collected since its base was removed
+                        if not self.store.exists(blob.digest):  # its base was removed and collected since the lookup
                             blob = None
                 if blob is None:
                     data, raw = codec.encode({"tensor": ckpt.get(spec.key)})

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from registry import Registry
 from registry.demo import finetune, make_base, state_dict
 
-from .engines import S3_BUCKET, S3_KEY, S3_SECRET, Engine, EngineUnavailable, SeaweedFS, create_database, drop_database, postgres_available
+from .engines import S3_BUCKET, Engine, EngineUnavailable, create_database, drop_database, postgres_available, seaweedfs
 
 WIDTH = 32
 
@@ -75,22 +75,11 @@ def _unavailable(exc: EngineUnavailable):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One SeaweedFS for the session; the AWS variables point every client (and subprocess) at it."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        server.start()
+        with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server
     except EngineUnavailable as exc:
         _unavailable(exc)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1"
-    )
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

