@@ -7,7 +7,8 @@ The base is diffusers' ``UNet2DConditionModel(cross_attention_dim=768)`` (random
 3.44 GB); the fine-tune adds to every matrix a delta with the paper's spectrum (random orthonormal
 U, V; singular values (i+5)^-0.6 on the top 80% of the rank, zero beyond; scaled to 2% of the
 weight's norm) and small noise to 1-D tensors. Both are built once and cached. Every measured step
-runs in a fresh subprocess, which reports its wall time and peak RSS.
+runs in a fresh subprocess, which reports its wall time and peak RSS, after the page cache is
+dropped where the bench may (root), so that no step is timed on another step's cached reads.
 """
 
 from __future__ import annotations
@@ -111,7 +112,19 @@ def plain_svd(base_path: Path, ft_path: Path, tau: float) -> dict:
     return {"ranks": ranks}
 
 
+def drop_caches() -> bool:
+    """Start a timed step with a cold page cache (needs root), so that copy and checkout compare fairly."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def run_step(**kw) -> dict:
+    drop_caches()
     cmd = [sys.executable, "-m", "bench.sd15", "--step", kw.pop("step")]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -140,6 +153,7 @@ def main() -> None:
     t = time.perf_counter()
     base, ft = build_pair(Path(args.cache))
     print(f"SD1.5-shaped pair ready in {time.perf_counter() - t:.0f} s: {base.stat().st_size / 1e9:.2f} GB each", flush=True)
+    print("page cache dropped before each step" if drop_caches() else "page cache NOT dropped (not root): timings may favour later steps", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dsreg-sd15-", dir=args.cache))
     home = work / "registry"
     try:

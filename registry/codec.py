@@ -54,10 +54,10 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def encode(tensors: dict[str, torch.Tensor]) -> tuple[bytes, int]:
+def encode(tensors: dict[str, torch.Tensor], level: int = ZSTD_LEVEL) -> tuple[bytes, int]:
     """(zstd-compressed safetensors bytes, uncompressed size)."""
     raw = safetensors.torch.save({k: v.detach().contiguous() for k, v in tensors.items()})
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw), len(raw)
+    return zstandard.ZstdCompressor(level=level).compress(raw), len(raw)
 
 
 def decode(data: bytes, raw_size: int, name: str = "blob") -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, write_checkpoint
-from .config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
+from .config import BASE_ZSTD_LEVEL, DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
 from .errors import AmbiguousBase, BaseMismatch, Conflict, NonFiniteWeights, UsageError
 from .layers import layer_group
 from .names import Ref, parse_ref, validate_name
@@ -130,7 +130,7 @@ class Registry:
                         if not self.store.exists(blob.digest):  # its base was removed and collected since the lookup
                             blob = None
                 if blob is None:
-                    data, raw = codec.encode({"tensor": ckpt.get(spec.key)})
+                    data, raw = codec.encode({"tensor": ckpt.get(spec.key)}, level=BASE_ZSTD_LEVEL)
                     blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
                     lease.claim([blob.digest])
                     uploads.submit(self.store.put, data, blob.digest)
