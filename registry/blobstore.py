@@ -128,6 +128,24 @@ class BlobStore:
         # Object stores delete up to 1000 keys per request.
         self._call(self.fs.rm, [self.path(d) for d in digests])
 
+    def partial_uploads(self, older_than: datetime) -> list[StoredBlob]:
+        """Temporary files of local writes that never finished (a crashed push), older than ``older_than``."""
+        if not self.local:
+            return []  # object stores never show a partial PUT
+        found = []
+        for entry in os.scandir(self._tmp_dir()):
+            st = entry.stat()
+            modified = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+            if modified <= older_than:
+                found.append(StoredBlob(entry.name, st.st_size, modified))
+        return found
+
+    def remove_partial(self, name: str) -> None:
+        try:
+            os.remove(os.path.join(self._tmp_dir(), os.path.basename(name)))
+        except FileNotFoundError:
+            pass
+
     def size(self, digest: str) -> int:
         return int(self._call(self.fs.info, self.path(digest))["size"])
 

@@ -41,6 +41,7 @@ from .records import GcReport, PolicyInfo, VerifyReport
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000
+PARTIAL_MIN_AGE = 600
 
 
 @contextmanager
@@ -124,6 +125,12 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
                 removed += len(doomed)
                 removed_bytes += sum(o.size for o in doomed)
                 leased += len(claimed - referenced)
+        # A temporary file may belong to a write in progress: whatever the grace, leave it 10 minutes.
+        for partial in store.partial_uploads(min(cutoff, now - timedelta(seconds=PARTIAL_MIN_AGE))):
+            if not dry_run:
+                store.remove_partial(partial.digest)
+            removed += 1
+            removed_bytes += partial.size
         if not dry_run:
             # Rows whose object is gone already (an earlier gc died between store and catalog).
             with catalog.session(lock="exclusive") as s:

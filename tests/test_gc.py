@@ -57,6 +57,21 @@ def test_dry_run_and_grace_remove_nothing(two_revisions):
     assert snapshot(reg) == before
 
 
+def test_partial_local_uploads_are_collected_after_the_grace(reg_base):
+    if not reg_base.store.local:
+        pytest.skip("object stores never show a partial upload")
+    partial = os.path.join(reg_base.store.root, "tmp", "0" * 64 + ".deadbeef")
+    with open(partial, "wb") as fh:
+        fh.write(b"half a blob")
+    assert reg_base.gc(grace=0).removed_objects == 0  # it may still be being written
+    an_hour_ago = time.time() - 3600
+    os.utime(partial, (an_hour_ago, an_hour_ago))
+    assert reg_base.gc(grace=7200).removed_objects == 0 and os.path.exists(partial)
+    report = reg_base.gc(grace=0)
+    assert report.removed_objects == 1 and report.removed_bytes == len(b"half a blob")
+    assert not os.path.exists(partial)
+
+
 def test_revision_numbers_are_never_reused(two_revisions, models):
     reg, _, b = two_revisions
     reg.rm(b.ref)
