@@ -13,10 +13,9 @@ import logging
 import os
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -27,7 +26,6 @@ from .errors import IntegrityError, StoreError
 log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-TRANSFER_THREADS = 8
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -84,6 +82,7 @@ class BlobStore:
             os.replace(tmp, path)
         else:
             self._call(self.fs.pipe_file, path, data)
+        log.debug("stored blob %s (%d bytes)", digest[:12], len(data))
         return digest, True
 
     def get(self, digest: str) -> bytes:
@@ -98,19 +97,6 @@ class BlobStore:
                 f"blob {digest[:12]} is corrupt: its {len(data)} bytes hash to {actual[:12]}; run `dsreg verify --full`"
             )
         return data
-
-    def get_many(self, digests: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        """Fetch in parallel, yielding in the order asked; at most a few blobs are held ahead."""
-        digests = list(digests)
-        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-            window: list = []
-            for digest in digests:
-                window.append((digest, pool.submit(self.get, digest)))
-                if len(window) >= TRANSFER_THREADS:
-                    d, fut = window.pop(0)
-                    yield d, fut.result()
-            for d, fut in window:
-                yield d, fut.result()
 
     def delete(self, digest: str) -> None:
         try:
@@ -145,9 +131,6 @@ class BlobStore:
             os.remove(os.path.join(self._tmp_dir(), os.path.basename(name)))
         except FileNotFoundError:
             pass
-
-    def size(self, digest: str) -> int:
-        return int(self._call(self.fs.info, self.path(digest))["size"])
 
     def list(self) -> Iterator[StoredBlob]:
         """Every object under the store's root, with its size and modification time."""

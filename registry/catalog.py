@@ -446,13 +446,6 @@ class Catalog:
 
     # ------------------------------------------------------------ blobs
 
-    def known_blobs(self, digests: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        with self.session() as s:
-            for chunk in _chunks(list(digests), 500):
-                found.update(s.scalars(sa.select(BlobRow.digest).where(BlobRow.digest.in_(chunk))))
-        return found
-
     def blob_for_tensor(self, tensor_digest: str) -> BlobRecord | None:
         """An already stored blob holding exactly this base tensor, to share rather than upload again."""
         with self.session() as s:

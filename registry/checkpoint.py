@@ -100,10 +100,6 @@ class Checkpoint:
             self._close = None
 
     @property
-    def keys(self) -> list[str]:
-        return [s.key for s in self.specs]
-
-    @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -137,6 +136,10 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
                 stale = catalog.unreferenced_blob_rows(s, cutoff)
                 _, claimed = catalog.claims(s, stale)
                 catalog.forget_blobs(s, [d for d in stale if d not in claimed])
+        log.info(
+            "gc%s: %d revisions expired, %d objects (%d bytes) removed, %d kept for writes in progress",
+            " (dry run)" if dry_run else "", len(expired), removed, removed_bytes, leased,
+        )
         return GcReport(
             dry_run=dry_run,
             expired=tuple(f"{n}@{r}" for n, r in expired),
