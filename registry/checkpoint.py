@@ -164,7 +164,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
     tensor at a time into its own buffer keeps a push's memory at about one layer.
     """
     n, header = _read_header(path)
-    order = _safetensors_order(path)
+    order = _safetensors_order(path, n, header)
     base = 8 + n
     specs: list[TensorSpec] = []
     offsets: dict[str, tuple[int, int]] = {}
@@ -239,9 +239,8 @@ def _read_header(path: Path) -> tuple[int, dict]:
     return n, header
 
 
-def _safetensors_order(path: Path) -> dict[str, int]:
+def _safetensors_order(path: Path, n: int, header: dict) -> dict[str, int]:
     """Each key's position in the file; also checks that the tensors tile the data section exactly."""
-    n, header = _read_header(path)
     data_len = path.stat().st_size - 8 - n
     entries = []
     for key, info in header.items():

@@ -295,7 +295,7 @@ class Registry:
         progress: Progress | None = None,
     ) -> CheckoutResult:
         """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all)."""
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        ref = _as_ref(ref)
         dev = resolve_device(device)
         progress = progress or _quiet
         info = self.catalog.revision(ref)
@@ -345,18 +345,18 @@ class Registry:
         return self.catalog.revisions(subject)
 
     def revision(self, ref: str | Ref) -> RevisionInfo:
-        return self.catalog.revision(parse_ref(ref) if isinstance(ref, str) else ref)
+        return self.catalog.revision(_as_ref(ref))
 
     def show(self, ref: str | Ref) -> RevisionDetail:
         """A revision with every tensor's storage and a summary per layer group."""
-        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        ref = _as_ref(ref)
         info = self.catalog.revision(ref)
         tensors = self.catalog.tensor_infos(Ref(info.subject, info.number))
         return RevisionDetail(info, tuple(tensors), tuple(_group_summaries(tensors)))
 
     def tag(self, ref: str | Ref, name: str) -> RevisionInfo:
         validate_name(name, "tag")
-        return self.catalog.tag(parse_ref(ref) if isinstance(ref, str) else ref, name)
+        return self.catalog.tag(_as_ref(ref), name)
 
     def stats(self) -> Stats:
         return self.catalog.stats()
@@ -365,7 +365,7 @@ class Registry:
 
     def rm(self, ref: str | Ref) -> list[RevisionInfo]:
         """Remove a revision (``SUBJECT@REV``) or a whole subject from the catalog; gc frees the bytes."""
-        return self.catalog.remove(parse_ref(ref) if isinstance(ref, str) else ref)
+        return self.catalog.remove(_as_ref(ref))
 
     def remove_base(self, name: str) -> BaseInfo:
         """Remove a base that no revision uses any more."""
@@ -401,6 +401,10 @@ class Registry:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _as_ref(ref: str | Ref) -> Ref:
+    return parse_ref(ref) if isinstance(ref, str) else ref
 
 
 def _manifest_digest(scanned: _Scanned) -> str:
