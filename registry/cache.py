@@ -58,8 +58,11 @@ class BlobCache:
         self.evict()
 
     def _entries(self) -> list[tuple[float, int, Path]]:
+        """Finished entries only: a ``.``-prefixed temporary file belongs to a write in progress."""
         entries = []
         for f in self.directory.glob("??/*"):
+            if f.name.startswith("."):
+                continue
             try:
                 st = f.stat()
             except FileNotFoundError:  # evicted by another thread or process meanwhile

@@ -82,3 +82,18 @@ def test_endpoint_as_a_store_option(remote, tmp_path, monkeypatch):
     monkeypatch.setenv("DSREG_S3_ENDPOINT_URL", endpoint)
     result = CliRunner().invoke(cli, args[:6] + args[8:-1] + [str(tmp_path / "p.safetensors")])
     assert result.exit_code == 0, result.output
+
+
+def test_eviction_never_touches_a_write_in_progress(tmp_path):
+    from registry.blobstore import BlobStore
+
+    store = BlobStore(str(tmp_path / "store"))
+    digest, _ = store.put(b"x" * 1000)
+    cache = BlobCache(store, tmp_path / "cache", max_bytes=1500)  # room for the blob, not for both
+    in_progress = tmp_path / "cache" / digest[:2] / f".{digest}.abcd1234"
+    in_progress.parent.mkdir(parents=True)
+    in_progress.write_bytes(b"y" * 1000)
+    os.utime(in_progress, (0, 0))  # the oldest file there: first in line if eviction could see it
+    cache.get(digest)  # stores the 1000-byte blob, then evicts down to the limit
+    assert in_progress.exists()
+    assert cache.size() == 1000
