@@ -43,7 +43,7 @@ def seed_catalog(catalog: Catalog, n: int) -> None:
                 for number in range(1, latest + 1):
                     revisions.append({
                         "subject_id": i + 1, "number": number, "base_id": base_ids[i % 2],
-                        "created_at": now - timedelta(days=rng.uniform(0, 365)), "energy": 0.5, "factor_dtype": "fp16",
+                        "created_at": now - timedelta(days=rng.uniform(0, 365)), "energy": 0.5, "rank_rule": "energy=0.5", "encoding": "fp16",
                         "original_bytes": 3_438_083_856, "stored_bytes": rng.randint(50, 400) * 10**6, "kept_params": 190_000_000,
                         "n_tensors": 686, "n_changed": 686, "source_digest": "0" * 64, "source_format": "safetensors", "layout": "{}",
                     })

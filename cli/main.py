@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from registry import Conflict, DsregError, IntegrityError, Registry
-from registry.config import DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, parse_duration, redact
+from registry.config import DEFAULT_ENCODING, DEFAULT_ENERGY, parse_duration, redact
+from registry.encodings import ENCODINGS
 
 from .output import Bars, echo_json, ratio, size, table, when
 
@@ -134,24 +135,28 @@ def base_rm(obj: Context, name):
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--subject", "-s", help="Subject name (default: the next free subject-N).")
 @click.option("--base", "-b", "base_name", help="Base to diff against (default: detected among registered bases).")
-@click.option("--energy", "-e", type=float, default=DEFAULT_ENERGY, show_default=True, help="Delta-SVD energy threshold tau in (0, 1].")
-@click.option("--factor-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=DEFAULT_FACTOR_DTYPE, show_default=True)
+@click.option("--energy", "-e", type=float, help=f"Paper's rule: smallest rank whose singular-value share >= TAU, in (0, 1] [default {DEFAULT_ENERGY}].")
+@click.option("--max-error", type=float, metavar="EPS", help="Per tensor, the smallest rank whose relative Frobenius error of the delta is <= EPS.")
+@click.option("--budget", metavar="SIZE", help="Bytes for the whole revision (e.g. 20MB): ranks shared across layers to keep the most.")
+@click.option("--exact", is_flag=True, help="Lossless: checkout gives back the pushed tensors bit for bit.")
+@click.option("--encoding", type=click.Choice(ENCODINGS), default=DEFAULT_ENCODING, show_default=True, help="How factors are stored.")
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True, help="gram: fast exact spectrum; svd: plain full SVD.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def push(obj: Context, path, subject, base_name, energy, factor_dtype, method, device, as_json):
+def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, as_json):
     """Compress a fine-tuned checkpoint and store it as a new revision."""
     bars = obj.bars()
     rev = obj.registry().push(
-        path, subject, base=base_name, energy=energy, factor_dtype=factor_dtype, method=method, device=device, progress=bars
+        path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
+        encoding=encoding, method=method, device=device, progress=bars,
     )
     bars.close()
     if as_json:
         return echo_json(rev)
     click.echo(
         f"{rev.subject} rev {rev.number}  base {rev.base}  {size(rev.original_bytes)} -> {size(rev.stored_bytes)} "
-        f"({ratio(rev.ratio)})  tau {rev.energy:g}"
+        f"({ratio(rev.ratio)})  {rev.rank_rule} {rev.encoding}"
     )
 
 
@@ -160,13 +165,48 @@ def push(obj: Context, path, subject, base_name, energy, factor_dtype, method, d
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file or folder (default: SUBJECT-REV with the pushed format's suffix).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "diffusers"]), help="Output format (default: from -o's suffix, else as pushed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where W + A·B is computed.")
+@click.option("--verify", is_flag=True, help="Check every losslessly stored tensor against the digest recorded at push.")
 @click.pass_obj
-def checkout(obj: Context, ref, output, fmt, device):
+def checkout(obj: Context, ref, output, fmt, device, verify):
     """Rebuild the full checkpoint of SUBJECT[@REV]."""
     bars = obj.bars()
-    result = obj.registry().checkout(ref, output, format=fmt, device=device, progress=bars)
+    result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, progress=bars)
     bars.close()
     click.echo(f"{result.ref} -> {result.path}  {result.format}  {result.n_tensors} tensors  {size(result.nbytes)}  on {result.device}")
+    if verify:
+        lossy = f"; {result.lossy} stored lossy by design (not bit-identical)" if result.lossy else ""
+        click.echo(f"verified {result.verified} tensors bit-identical to the push{lossy}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--base", "-b", "base_name", help="Base to diff against (default: detected).")
+@click.option("--energy", "energies", default="0.06,0.2,0.5,0.8", show_default=True, help="Comma-separated tau values.")
+@click.option("--max-error", "max_errors", default="", help="Comma-separated error bounds.")
+@click.option("--budget", "budgets", default="", help="Comma-separated sizes, e.g. 5MB,20MB.")
+@click.option("--encoding", "encoding_list", default="fp16,int8", show_default=True, help="Comma-separated encodings.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def sweep(obj: Context, path, base_name, energies, max_errors, budgets, encoding_list, as_json):
+    """Estimate stored bytes and error of PATH under several settings, storing nothing."""
+    rules = [f"energy={v}" for v in _items(energies)] + [f"max-error={v}" for v in _items(max_errors)] + [f"budget={v}" for v in _items(budgets)]
+    if not rules:
+        raise click.UsageError("give at least one --energy, --max-error or --budget value")
+    bars = obj.bars()
+    rows = obj.registry().sweep(path, rules, _items(encoding_list), base=base_name, progress=bars)
+    bars.close()
+    if as_json:
+        return echo_json(rows)
+    body = [
+        [r.rule, r.encoding, f"{r.kept_params / 1e6:.3g}M", size(r.stored_bytes), ratio(r.ratio), f"{r.rel_error:.3f}", f"{r.max_error:.3f}"]
+        for r in rows
+    ]
+    click.echo(table(["rule", "encoding", "kept params", "stored <=", "ratio", "delta err", "max tensor err"], body, right={2, 3, 4, 5, 6}))
+    click.echo("delta err: relative Frobenius error of all changed matrices together, from the spectra (quantization adds a little)")
+
+
+def _items(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 # ---------------------------------------------------------------- catalog queries
@@ -199,28 +239,34 @@ def ls(obj: Context, base_name, name_like, tag, since, limit, offset, after, as_
 @cli.command()
 @click.argument("ref")
 @click.option("--tensors", is_flag=True, help="One row per tensor instead of per layer group.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Also write a report (tables and PNG plots) into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def show(obj: Context, ref, tensors, as_json):
+def show(obj: Context, ref, tensors, report_dir, as_json):
     """Revisions of a subject, and per-layer-group ranks and errors of one revision."""
     reg = obj.registry()
     detail = reg.show(ref)
+    if report_dir is not None:
+        from registry.report import write_report
+
+        for written in write_report(detail, report_dir):
+            click.echo(f"wrote {written}", err=True)
     revisions = reg.revisions(detail.revision.subject)
     if as_json:
         return echo_json({"revisions": revisions, "detail": detail})
     rev_rows = [
-        [str(r.number), r.base, f"{r.energy:g}" if r.energy is not None else "-", r.factor_dtype, size(r.original_bytes), size(r.stored_bytes), ratio(r.ratio), ",".join(r.tags), when(r.created_at)]
+        [str(r.number), r.base, r.rank_rule, r.encoding, size(r.original_bytes), size(r.stored_bytes), ratio(r.ratio), ",".join(r.tags), when(r.created_at)]
         for r in revisions
     ]
-    click.echo(table(["rev", "base", "tau", "factors", "original", "stored", "ratio", "tags", "created"], rev_rows, right={4, 5, 6}))
+    click.echo(table(["rev", "base", "ranks", "encoding", "original", "stored", "ratio", "tags", "created"], rev_rows, right={4, 5, 6}))
     r = detail.revision
     click.echo(f"\n{r.ref}: {r.n_changed}/{r.n_tensors} tensors changed, {r.kept_params / 1e6:.3g}M params kept, source {r.source_format} {r.source_digest[:12]}")
     if tensors:
         rows = [
-            [t.key, t.kind, "x".join(map(str, t.shape)), f"{t.rank}/{t.full_rank}" if t.rank is not None else "-", size(t.stored_bytes), f"{t.rel_error:.2e}"]
+            [t.key, t.kind, t.encoding or "-", "x".join(map(str, t.shape)), f"{t.rank}/{t.full_rank}" if t.kind == "lowrank" else "-", size(t.stored_bytes), f"{t.rel_error:.2e}"]
             for t in detail.tensors
         ]
-        click.echo(table(["tensor", "kind", "shape", "rank", "stored", "error"], rows, right={4, 5}))
+        click.echo(table(["tensor", "kind", "encoding", "shape", "rank", "stored", "error"], rows, right={5, 6}))
         return
     rows = [
         [g.group, f"{g.n_changed}/{g.n_tensors}", f"{g.rank}/{g.full_rank}", f"{g.kept_params / 1e6:.3g}M", size(g.stored_bytes), f"{g.mean_error:.2e}", f"{g.max_error:.2e}"]

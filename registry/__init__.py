@@ -19,14 +19,15 @@ from .errors import (
 )
 from .records import (
     BaseInfo, CheckoutResult, GcReport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
-    VerifyReport,
+    SweepRow, VerifyReport,
 )
+from .ranking import RankRule
 from .registry import Registry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Registry",
+    "Registry", "RankRule", "SweepRow",
     "BaseInfo", "CheckoutResult", "GcReport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",

@@ -108,7 +108,9 @@ class RevisionRow(Model):
     base_id: Mapped[int] = mapped_column(sa.ForeignKey("bases.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow, index=True)
     energy: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    factor_dtype: Mapped[str] = mapped_column(sa.String(16))
+    # How ranks were chosen, as RankRule prints it: energy=0.5, max-error=0.05, budget=20000000, exact.
+    rank_rule: Mapped[str] = mapped_column(sa.String(64))
+    encoding: Mapped[str] = mapped_column(sa.String(16))
     original_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     stored_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     kept_params: Mapped[int] = mapped_column(sa.BigInteger)
@@ -131,6 +133,7 @@ class EntryRow(Model):
     rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     full_rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     rel_error: Mapped[float] = mapped_column(sa.Float)
+    encoding: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
     tensor_digest: Mapped[str] = mapped_column(sa.String(64))
     blob_digest: Mapped[str | None] = mapped_column(sa.ForeignKey("blobs.digest"), nullable=True, index=True)
 
@@ -199,6 +202,7 @@ class NewEntry:
     rel_error: float
     tensor_digest: str
     blob: BlobRecord | None
+    encoding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,8 @@ class NewRevision:
     subject: str | None
     base_id: int
     energy: float | None
-    factor_dtype: str
+    rank_rule: str
+    encoding: str
     original_bytes: int
     source_digest: str
     source_format: str
@@ -570,7 +575,7 @@ class Catalog:
             stored = sum({b.digest: b.size for b in blobs}.values())
             revision = RevisionRow(
                 subject_id=subject.id, number=number, base_id=new.base_id, energy=new.energy,
-                factor_dtype=new.factor_dtype, original_bytes=new.original_bytes, stored_bytes=stored,
+                rank_rule=new.rank_rule, encoding=new.encoding, original_bytes=new.original_bytes, stored_bytes=stored,
                 kept_params=sum(kept_params(e.kind, e.rank, e.shape) for e in new.entries), n_tensors=len(new.entries),
                 n_changed=sum(e.kind != "base" for e in new.entries), source_digest=new.source_digest,
                 source_format=new.source_format, layout=json.dumps(new.layout),
@@ -581,7 +586,7 @@ class Catalog:
                 EntryRow(
                     revision_id=revision.id, position=i, key=e.key, kind=e.kind, dtype=e.dtype,
                     shape=json.dumps(list(e.shape)), rank=e.rank, full_rank=e.full_rank, rel_error=e.rel_error,
-                    tensor_digest=e.tensor_digest, blob_digest=e.blob.digest if e.blob else None,
+                    encoding=e.encoding, tensor_digest=e.tensor_digest, blob_digest=e.blob.digest if e.blob else None,
                 )
                 for i, e in enumerate(new.entries)
             )
@@ -748,7 +753,7 @@ class Catalog:
                 .order_by(EntryRow.position)
             ).all()
             return [
-                TensorInfo(e.key, e.kind, e.dtype, _shape(e.shape), e.rank, e.full_rank, e.rel_error, size or 0, e.blob_digest)
+                TensorInfo(e.key, e.kind, e.dtype, _shape(e.shape), e.rank, e.full_rank, e.rel_error, size or 0, e.blob_digest, e.encoding)
                 for e, size in rows
             ]
 
@@ -772,12 +777,7 @@ class Catalog:
     def _revision_info(self, s: Session, row: RevisionRow, subject: str) -> RevisionInfo:
         base = s.scalar(sa.select(BaseRow.name).where(BaseRow.id == row.base_id))
         tags = tuple(s.scalars(sa.select(TagRow.name).where(TagRow.revision_id == row.id).order_by(TagRow.name)))
-        return RevisionInfo(
-            subject=subject, number=row.number, base=base, created_at=_aware(row.created_at), energy=row.energy,
-            factor_dtype=row.factor_dtype, original_bytes=row.original_bytes, stored_bytes=row.stored_bytes,
-            kept_params=row.kept_params, n_tensors=row.n_tensors, n_changed=row.n_changed,
-            source_digest=row.source_digest, source_format=row.source_format, tags=tags,
-        )
+        return _revision_record(row, subject, base, tags)
 
     # ------------------------------------------------------------ queries
 
@@ -829,13 +829,7 @@ class Catalog:
                     rev_tags.setdefault(rid, []).append(tname)
             out = []
             for subj, rev, base_name in rows:
-                latest = RevisionInfo(
-                    subject=subj.name, number=rev.number, base=base_name, created_at=_aware(rev.created_at),
-                    energy=rev.energy, factor_dtype=rev.factor_dtype, original_bytes=rev.original_bytes,
-                    stored_bytes=rev.stored_bytes, kept_params=rev.kept_params, n_tensors=rev.n_tensors,
-                    n_changed=rev.n_changed, source_digest=rev.source_digest, source_format=rev.source_format,
-                    tags=tuple(rev_tags.get(rev.id, ())),
-                )
+                latest = _revision_record(rev, subj.name, base_name, tuple(rev_tags.get(rev.id, ())))
                 out.append(SubjectInfo(subj.name, _aware(subj.created_at), counts.get(subj.id, 0), latest, tuple(tags.get(subj.id, ()))))
             return out
 
@@ -855,6 +849,15 @@ class Catalog:
                 sa.select(sa.func.coalesce(sa.func.sum(BlobRow.size), 0)).where(BlobRow.digest.in_(sa.select(base_blobs.c.blob_digest)))
             )
             return Stats(n_bases, n_subjects, n_revisions, int(original), int(stored), int(base_bytes))
+
+
+def _revision_record(row: RevisionRow, subject: str, base: str, tags: tuple[str, ...]) -> RevisionInfo:
+    return RevisionInfo(
+        subject=subject, number=row.number, base=base, created_at=_aware(row.created_at), energy=row.energy,
+        rank_rule=row.rank_rule, encoding=row.encoding, original_bytes=row.original_bytes, stored_bytes=row.stored_bytes,
+        kept_params=row.kept_params, n_tensors=row.n_tensors, n_changed=row.n_changed,
+        source_digest=row.source_digest, source_format=row.source_format, tags=tags,
+    )
 
 
 def _like_pattern(pattern: str, prefix: bool = True) -> str:

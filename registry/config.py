@@ -20,7 +20,7 @@ ENV_S3_ENDPOINT = "DSREG_S3_ENDPOINT_URL"
 ENV_LEASE_TTL = "DSREG_LEASE_TTL"
 
 DEFAULT_ENERGY = 0.5
-DEFAULT_FACTOR_DTYPE = "fp16"
+DEFAULT_ENCODING = "fp16"
 ZSTD_LEVEL = 3
 # Base tensors are fp32/fp16 weights, which zstd shrinks by only ~7%; a negative level keeps the
 # literals raw, so every checkout decodes the whole base about twice as fast.

@@ -65,6 +65,77 @@ def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
 
+class Spectrum:
+    """All singular values of one delta matrix, and the top singular vectors to cut factors at any rank.
+
+    Holding the decomposition lets a caller try rank t, measure the stored error, and try t + 1
+    without decomposing again (max-error mode needs that once quantization adds its share).
+    """
+
+    def __init__(self, delta: torch.Tensor, method: str = "gram"):
+        if delta.dim() < 2:
+            raise ValueError("Delta-SVD needs a tensor of 2 or more dims; store 1-D deltas dense")
+        if method not in METHODS:
+            raise ValueError(f"unknown decomposition method {method!r}; use one of {', '.join(METHODS)}")
+        self.matrix = as_matrix(delta).float()
+        self.method = method
+        d, k = self.matrix.shape
+        self.full_rank = min(d, k)
+        if method == "svd":
+            self._u, s, self._vh = torch.linalg.svd(self.matrix, full_matrices=False)
+            self.s = s.double()
+        else:
+            # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
+            eigenvalues, eigenvectors = torch.linalg.eigh(_gram(self.matrix.double()))
+            self.s = eigenvalues.flip(0).clamp_min(0).sqrt()
+            self._top = eigenvectors.flip(1)
+
+    def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in fp32 with A·B the best rank-t approximation: A = U_tΣ_t, B = V_tᵀ."""
+        if self.method == "svd":
+            return self._u[:, :t] * self._s32[:t], self._vh[:t]
+        d, k = self.matrix.shape
+        top = self._top[:, :t]
+        m64 = self.matrix.double()
+        if d <= k:
+            # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
+            projected = top.T @ m64
+            sigma = torch.linalg.vector_norm(projected, dim=1)
+            b = projected / torch.where(sigma > 0, sigma, 1.0)[:, None]
+            a = top * sigma
+        else:
+            # top = V_t; ΔW V_t = U_t Σ_t.
+            a = m64 @ top
+            b = top.T
+        return a.float(), b.float()
+
+    @property
+    def _s32(self) -> torch.Tensor:
+        return self.s.float()
+
+    def truncation_error(self, t: int) -> float:
+        """‖ΔW − A_tB_t‖_F / ‖ΔW‖_F from the spectrum alone."""
+        return float(truncation_errors(self.s)[t])
+
+
+def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:
+    """Entry t is the relative Frobenius error of keeping the top t: sqrt(Σ_{i>t} σᵢ² / Σ σᵢ²)."""
+    sq = singular_values.double().clamp_min(0) ** 2
+    total = sq.sum()
+    if total <= 0:
+        return torch.zeros(sq.numel() + 1, dtype=torch.float64)
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, (0,)), 0), (0,)), sq.new_zeros(1)])
+    return (tail / total).clamp_min(0).sqrt()
+
+
+def error_rank(singular_values: torch.Tensor, max_error: float) -> int:
+    """The smallest t whose truncation leaves a relative Frobenius error of at most ``max_error``."""
+    if not 0.0 <= max_error < 1.0:
+        raise ValueError(f"max error must be in [0, 1), got {max_error}")
+    errors = truncation_errors(singular_values)
+    return int(torch.nonzero(errors <= max_error)[0])
+
+
 def decompose(
     delta: torch.Tensor,
     tau: float,
@@ -72,19 +143,12 @@ def decompose(
     method: str = "gram",
     factor_dtype: torch.dtype = torch.float16,
 ) -> LowRank:
-    """Delta-SVD of one tensor of two or more dims, factors cast to ``factor_dtype``."""
-    if delta.dim() < 2:
-        raise ValueError("Delta-SVD needs a tensor of 2 or more dims; store 1-D deltas dense")
-    if method not in METHODS:
-        raise ValueError(f"unknown decomposition method {method!r}; use one of {', '.join(METHODS)}")
-    matrix = as_matrix(delta).float()
-    if method == "svd":
-        a, b, full_rank = _factors_svd(matrix, tau)
-    else:
-        a, b, full_rank = _factors_gram(matrix, tau)
+    """The paper's rule in one call: Delta-SVD of one tensor, factors cast to ``factor_dtype``."""
+    spectrum = Spectrum(delta, method)
+    a, b = spectrum.factors(energy_rank(spectrum.s, tau))
     a = a.to(factor_dtype).contiguous()
     b = b.to(factor_dtype).contiguous()
-    return LowRank(a=a, b=b, rank=a.shape[1], full_rank=full_rank, rel_error=relative_error(matrix, a, b))
+    return LowRank(a=a, b=b, rank=a.shape[1], full_rank=spectrum.full_rank, rel_error=relative_error(spectrum.matrix, a, b))
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,33 +164,6 @@ def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> fl
     return float(torch.linalg.matrix_norm(residual) / norm)
 
 
-def _factors_svd(matrix: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    t = energy_rank(s, tau)
-    return u[:, :t] * s[:t], vh[:t], s.numel()
-
-
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
     d, k = matrix.shape
     return matrix @ matrix.T if d <= k else matrix.T @ matrix
-
-
-def _factors_gram(matrix: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    d, k = matrix.shape
-    m64 = matrix.double()
-    # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
-    eigenvalues, eigenvectors = torch.linalg.eigh(_gram(m64))
-    s = eigenvalues.flip(0).clamp_min(0).sqrt()
-    t = energy_rank(s, tau)
-    top = eigenvectors.flip(1)[:, :t]
-    if d <= k:
-        # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
-        projected = top.T @ m64
-        sigma = torch.linalg.vector_norm(projected, dim=1)
-        b = projected / torch.where(sigma > 0, sigma, 1.0)[:, None]
-        a = top * sigma
-    else:
-        # top = V_t; ΔW V_t = U_t Σ_t.
-        a = m64 @ top
-        b = top.T
-    return a.float(), b.float(), min(d, k)

@@ -25,8 +25,9 @@ class BaseInfo:
 class TensorInfo:
     """How one tensor of a revision is stored.
 
-    kind: ``base`` (unchanged: a reference to the base tensor), ``lowrank`` (Delta-SVD factors),
-    ``dense`` (the whole delta, for 1-D tensors) or ``full`` (the tensor itself, for integer tensors).
+    kind: one of :mod:`registry.deltas`' kinds (``base``, ``lowrank``, ``dense``, ``sparse``,
+    ``exact``, ``full``, ``dropped``). ``rank`` is the kept rank for ``lowrank`` and the number of
+    stored rows for ``sparse``; ``encoding`` is how factors or a dense delta are stored.
     """
 
     key: str
@@ -38,6 +39,7 @@ class TensorInfo:
     rel_error: float
     stored_bytes: int
     blob: str | None
+    encoding: str | None = None
 
     @property
     def kept_params(self) -> int:
@@ -55,7 +57,9 @@ def kept_params(kind: str, rank: int | None, shape: tuple[int, ...]) -> int:
     """Parameters a stored tensor costs: rank·(out + in·kh·kw) for factors, all of them for dense."""
     if kind == "lowrank":
         return (rank or 0) * (shape[0] + numel(shape[1:]))
-    if kind in ("dense", "full"):
+    if kind == "sparse":
+        return (rank or 0) * numel(shape[1:])
+    if kind in ("dense", "full", "exact"):
         return numel(shape)
     return 0
 
@@ -66,8 +70,9 @@ class RevisionInfo:
     number: int
     base: str
     created_at: datetime
-    energy: float | None
-    factor_dtype: str
+    energy: float | None  # tau, for revisions ranked by the paper's energy rule
+    rank_rule: str  # energy=0.5, max-error=0.05, budget=20000000 or exact
+    encoding: str  # of the factors: fp16, bf16, fp32, int8 or mixed
     original_bytes: int
     stored_bytes: int
     kept_params: int
@@ -97,7 +102,7 @@ class SubjectInfo:
 
 @dataclass(frozen=True)
 class GroupSummary:
-    """Per layer group (conv_in, down_blocks.0, mid_block, ...): what was kept and what it cost."""
+    """Per layer group (a stage such as down_blocks.0, or a layer type such as attention): what was kept and what it cost."""
 
     group: str
     n_tensors: int
@@ -114,7 +119,8 @@ class GroupSummary:
 class RevisionDetail:
     revision: RevisionInfo
     tensors: tuple[TensorInfo, ...]
-    groups: tuple[GroupSummary, ...]
+    groups: tuple[GroupSummary, ...]  # by stage: conv_in, down_blocks.0, mid_block, up_blocks.3, conv_out, ...
+    types: tuple[GroupSummary, ...] = ()  # by layer type: attention, feed-forward, conv, norm, embedding, other
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,10 @@ class CheckoutResult:
     n_tensors: int
     nbytes: int
     device: str
+    # With --verify: tensors whose digest was checked against the push's (every lossless entry), and
+    # tensors stored lossy by design, which no digest can vouch for.
+    verified: int = 0
+    lossy: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,3 +187,20 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.missing and not self.corrupt
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """What one rank rule and encoding would store for a checkpoint, estimated without storing it."""
+
+    rule: str
+    encoding: str
+    kept_params: int
+    stored_bytes: int  # an upper bound: zstd usually takes a few percent off
+    original_bytes: int
+    rel_error: float  # relative Frobenius error of all changed 2-D deltas together
+    max_error: float  # the largest per-tensor relative error
+
+    @property
+    def ratio(self) -> float:
+        return _ratio(self.original_bytes, self.stored_bytes)

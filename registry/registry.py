@@ -16,18 +16,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import codec, deltasvd, gc
+from . import codec, deltas, deltasvd, gc
 from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, write_checkpoint
-from .config import BASE_ZSTD_LEVEL, DEFAULT_ENERGY, DEFAULT_FACTOR_DTYPE, Settings
-from .errors import AmbiguousBase, BaseMismatch, Conflict, NonFiniteWeights, UsageError
-from .layers import layer_group
+from .config import BASE_ZSTD_LEVEL, DEFAULT_ENCODING, Settings
+from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, NonFiniteWeights, UsageError
+from .layers import layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
+from .encodings import ENCODINGS
 from .pipeline import Background, prefetch
+from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
-    BaseInfo, CheckoutResult, GcReport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, VerifyReport,
+    BaseInfo, CheckoutResult, GcReport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class _Scanned:
     digests: dict[str, str]
     nbytes: int
     source_digest: str
+
+    def spec(self, key: str) -> TensorSpec:
+        return next(s for s in self.specs if s.key == key)
 
 
 class Registry:
@@ -152,21 +157,26 @@ class Registry:
         subject: str | None = None,
         *,
         base: str | None = None,
-        energy: float = DEFAULT_ENERGY,
-        factor_dtype: str = DEFAULT_FACTOR_DTYPE,
+        energy: float | None = None,
+        max_error: float | None = None,
+        budget: int | str | None = None,
+        exact: bool = False,
+        encoding: str = DEFAULT_ENCODING,
         method: str = "gram",
         device: str = "auto",
         progress: Progress | None = None,
     ) -> RevisionInfo:
-        """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``."""
+        """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
+
+        Ranks come from one of: ``energy`` (the paper's tau, default 0.5), ``max_error`` (per tensor,
+        relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
+        or ``exact`` (lossless: checkout is bit-identical).
+        """
         if subject is not None:
             validate_name(subject)
-        if not 0.0 < energy <= 1.0:
-            raise UsageError(f"--energy must be in (0, 1], got {energy}")
-        if factor_dtype not in codec.FACTOR_DTYPES:
-            raise UsageError(f"unknown factor dtype {factor_dtype!r}; use one of {', '.join(codec.FACTOR_DTYPES)}")
-        if method not in deltasvd.METHODS:
-            raise UsageError(f"unknown method {method!r}; use one of {', '.join(deltasvd.METHODS)}")
+        rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
+        _check_choice("encoding", encoding, ENCODINGS)
+        _check_choice("method", method, deltasvd.METHODS)
         dev = resolve_device(device)
         progress = progress or _quiet
         with open_checkpoint(path) as ckpt:
@@ -174,11 +184,12 @@ class Registry:
             base_name = base or self._detect_base(ckpt, scanned)
             base_tensors = self._fitting_base(base_name, scanned)
             with self._lease(f"push {subject or 'new subject'}") as lease:
-                entries = self._compress(ckpt, scanned, base_tensors, lease, energy, codec.FACTOR_DTYPES[factor_dtype], method, dev, progress)
+                entries = self._compress(ckpt, scanned, base_tensors, lease, rule, encoding, method, dev, progress)
                 new = NewRevision(
-                    subject=subject, base_id=self.catalog.base_id(base_name), energy=energy, factor_dtype=factor_dtype,
-                    original_bytes=scanned.nbytes, source_digest=scanned.source_digest, source_format=ckpt.layout.format,
-                    layout={**ckpt.layout.to_json(), "source_name": Path(path).name}, entries=tuple(entries),
+                    subject=subject, base_id=self.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
+                    rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
+                    source_format=ckpt.layout.format, layout={**ckpt.layout.to_json(), "source_name": Path(path).name},
+                    entries=tuple(entries),
                 )
                 return self.catalog.commit_revision(new, lease.id)
 
@@ -241,47 +252,107 @@ class Registry:
     def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
         return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
 
-    def _compress(self, ckpt, scanned, base, lease, energy, factor_dtype, method, device, progress) -> list[NewEntry]:
+    def _compress(self, ckpt, scanned, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
         specs = scanned.specs
         changed = [s for s in specs if scanned.digests[s.key] != base[s.key].tensor_digest]
-        entries: dict[str, NewEntry] = {}
-        for s in specs:
-            if s not in changed:
-                entries[s.key] = NewEntry(s.key, "base", s.dtype, s.shape, None, None, 0.0, scanned.digests[s.key], None)
+        done: dict[str, deltas.Stored] = {s.key: deltas.Stored("base") for s in specs if s not in changed}
 
         def load(spec: TensorSpec):
             return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key])
 
+        ranks = None
+        if rule.mode == "budget":
+            ranks = self._plan_budget(prefetch(load, changed, window=2, workers=2), len(changed), done, rule, encoding, method, device, progress)
+        entries: dict[str, NewEntry] = {}
         # Two tensors read ahead and four uploads in flight: enough to keep both cores busy, and a
         # bound on memory of a few of the largest layers (the 1.5 GB target at SD1.5 size).
         with Background(workers=4, limit=4) as uploads:
-            for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
-                entry, data = self._compress_one(spec, ft, bt, scanned.digests[spec.key], energy, factor_dtype, method, device)
-                if data is not None:
-                    lease.claim([entry.blob.digest])  # before the upload checks whether the blob exists
-                    uploads.submit(self.store.put, data, entry.blob.digest)
-                entries[spec.key] = entry
-                progress("compress", i + 1, len(changed))
+            for key, stored in done.items():
+                entries[key] = self._record(scanned.spec(key), stored, scanned.digests[key], lease, uploads)
+            todo = [s for s in changed if s.key not in done]
+            for i, (spec, ft, bt) in enumerate(prefetch(load, todo, window=2, workers=2)):
+                rank = None if ranks is None else ranks[spec.key]
+                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device, rank=rank)
+                entries[spec.key] = self._record(spec, stored, scanned.digests[spec.key], lease, uploads)
+                progress("compress", i + 1, len(todo))
             uploads.wait()
-        return [entries[s.key] for s in specs]
+        result = [entries[s.key] for s in specs]
+        if rule.mode == "budget":
+            total = sum({e.blob.digest: e.blob.size for e in result if e.blob}.values())
+            assert total <= rule.value, f"budget planning is an upper bound, yet {total} > {rule.value}"
+        return result
 
-    @staticmethod
-    def _compress_one(spec, ft, bt, tdigest, energy, factor_dtype, method, device) -> tuple[NewEntry, bytes | None]:
-        def stored(kind, tensors, rank=None, full_rank=None, error=0.0):
-            data, raw = codec.encode(tensors)
-            blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
-            return NewEntry(spec.key, kind, spec.dtype, spec.shape, rank, full_rank, error, tdigest, blob), data
+    def _plan_budget(self, loaded, total, done, rule, encoding, method, device, progress) -> dict[str, int]:
+        """Pass one of a budget push: store what has no rank (1-D deltas, integer tensors), then
+        share what is left of the budget among the 2-D deltas by their spectra."""
+        layers = []
+        for i, (spec, ft, bt) in enumerate(loaded):
+            s = deltas.survey(ft.to(device), bt.to(device), method)
+            if s is None:
+                done[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device, rank=0)
+            else:
+                out = spec.shape[0]
+                layers.append(LayerSpectrum(spec.key, out, numel(spec.shape) // out, s.cpu()))
+            progress("survey", i + 1, total)
+        fixed = sum({st.digest: len(st.data) for st in done.values() if st.data is not None}.values())
+        if fixed > rule.value:
+            raise UsageError(
+                f"--budget {int(rule.value)} bytes is below the {fixed} bytes that the tensors without a rank "
+                "(1-D deltas, integer tensors) take on their own; raise the budget"
+            )
+        return allocate(layers, int(rule.value) - fixed, encoding)
 
-        if not ft.is_floating_point():
-            return stored("full", {"tensor": ft})
-        if torch.equal(bt.to(ft.dtype), ft):
-            # Same weights in another dtype (an fp16 export of an fp32 base): a reference rebuilds them exactly.
-            return NewEntry(spec.key, "base", spec.dtype, spec.shape, None, None, 0.0, tdigest, None), None
-        delta = ft.to(device=device, dtype=torch.float32) - bt.to(device=device, dtype=torch.float32)
-        if delta.dim() < 2:
-            return stored("dense", {"delta": delta.to(factor_dtype).cpu()})
-        lr = deltasvd.decompose(delta, energy, method=method, factor_dtype=factor_dtype)
-        return stored("lowrank", {"a": lr.a.cpu(), "b": lr.b.cpu()}, lr.rank, lr.full_rank, lr.rel_error)
+    def _record(self, spec: TensorSpec, stored: deltas.Stored, tdigest: str, lease: Lease, uploads: Background) -> NewEntry:
+        blob = None
+        if stored.data is not None:
+            blob = BlobRecord(stored.digest, len(stored.data), stored.raw_size)
+            lease.claim([blob.digest])  # before the upload checks whether the blob exists
+            uploads.submit(self.store.put, stored.data, blob.digest)
+        return NewEntry(
+            spec.key, stored.kind, spec.dtype, spec.shape, stored.rank, stored.full_rank, stored.rel_error, tdigest, blob, stored.encoding
+        )
+
+    def sweep(
+        self,
+        path: str | os.PathLike,
+        rules: list[RankRule | str],
+        encodings: list[str] = (DEFAULT_ENCODING,),
+        *,
+        base: str | None = None,
+        method: str = "gram",
+        progress: Progress | None = None,
+    ) -> list[SweepRow]:
+        """Stored bytes and error of a checkpoint under each rule and encoding, without storing anything.
+
+        One read and one spectrum per tensor serve every row, so a sweep costs about one push.
+        """
+        rules = [RankRule.parse(r) if isinstance(r, str) else r for r in rules]
+        for encoding in encodings:
+            _check_choice("encoding", encoding, ENCODINGS)
+        _check_choice("method", method, deltasvd.METHODS)
+        progress = progress or _quiet
+        with open_checkpoint(path) as ckpt:
+            scanned = self._scan(ckpt, progress)
+            base_tensors = self._fitting_base(base or self._detect_base(ckpt, scanned), scanned)
+            changed = [s for s in scanned.specs if scanned.digests[s.key] != base_tensors[s.key].tensor_digest]
+            layers, fixed = [], []
+
+            def load(spec: TensorSpec):
+                return spec, ckpt.get(spec.key), self._base_tensor(base_tensors[spec.key])
+
+            for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
+                s = deltas.survey(ft, bt, method)
+                if s is not None:
+                    layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s))
+                elif not deltas.same_bits(bt.to(ft.dtype), ft):
+                    fixed.append(FixedTensor(spec.key, ft.numel(), None if ft.is_floating_point() else ft.element_size()))
+                progress("survey", i + 1, len(changed))
+        rows = []
+        for rule in rules:
+            for encoding in encodings:
+                params, nbytes, error, worst = estimate(layers, fixed, rule, encoding)
+                rows.append(SweepRow(str(rule), encoding, params, nbytes, scanned.nbytes, error, worst))
+        return rows
 
     # ------------------------------------------------------------ checkout
 
@@ -292,9 +363,14 @@ class Registry:
         *,
         format: str | None = None,
         device: str = "auto",
+        verify: bool = False,
         progress: Progress | None = None,
     ) -> CheckoutResult:
-        """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all)."""
+        """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
+
+        With ``verify``, every tensor stored losslessly is hashed and compared with the digest its
+        push recorded; a mismatch raises IntegrityError and writes nothing.
+        """
         ref = _as_ref(ref)
         dev = resolve_device(device)
         progress = progress or _quiet
@@ -306,8 +382,14 @@ class Registry:
         layout = _output_layout(pushed, output, format)
         specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
         tensors = self._rebuild(entries, base, dev, progress)
+        checked = _DigestCheck(info.ref, entries) if verify else None
+        if checked is not None:
+            tensors = checked.wrap(tensors)
         _write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors))
-        return CheckoutResult(info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev))
+        return CheckoutResult(
+            info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev),
+            verified=checked.verified if checked else 0, lossy=checked.lossy if checked else 0,
+        )
 
     def _rebuild(self, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:
         def load(entry: StoredEntry):
@@ -318,7 +400,7 @@ class Registry:
             return entry, bt, stored
 
         for i, (entry, bt, stored) in enumerate(prefetch(load, entries, window=4, workers=4)):
-            yield _rebuild_one(entry, bt, stored, device)
+            yield deltas.rebuild(entry.kind, codec.dtype_of(entry.dtype), entry.shape, bt, stored, device)
             progress("checkout", i + 1, len(entries))
 
     # ------------------------------------------------------------ queries
@@ -352,7 +434,10 @@ class Registry:
         ref = _as_ref(ref)
         info = self.catalog.revision(ref)
         tensors = self.catalog.tensor_infos(Ref(info.subject, info.number))
-        return RevisionDetail(info, tuple(tensors), tuple(_group_summaries(tensors)))
+        return RevisionDetail(
+            info, tuple(tensors), tuple(summarize(tensors, lambda t: layer_group(t.key))),
+            tuple(summarize(tensors, lambda t: layer_type(t.key, t.shape))),
+        )
 
     def tag(self, ref: str | Ref, name: str) -> RevisionInfo:
         validate_name(name, "tag")
@@ -431,43 +516,29 @@ def _mismatch(specs: list[TensorSpec], base: dict[str, BaseTensor]) -> str | Non
     return None
 
 
-def _rebuild_one(entry: StoredEntry, bt: torch.Tensor | None, stored: dict | None, device: torch.device) -> torch.Tensor:
-    dtype = codec.dtype_of(entry.dtype)
-    if entry.kind == "base":
-        return bt.to(dtype)
-    if entry.kind == "full":
-        return stored["tensor"]
-    # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
-    w = bt.to(device=device, dtype=torch.float32)
-    if entry.kind == "dense":
-        w += stored["delta"].to(device=device, dtype=torch.float32)
-    elif entry.kind == "lowrank":
-        a, b = stored["a"].to(device), stored["b"].to(device)
-        w = w.reshape(w.shape[0], -1)
-        w.addmm_(a.float(), b.float())
-    else:
-        raise ValueError(f"unknown entry kind {entry.kind!r}")
-    return w.reshape(entry.shape).to(dtype).cpu()
+class _DigestCheck:
+    """Hashes each rebuilt tensor that was stored losslessly and compares it with the push's digest."""
+
+    def __init__(self, ref: str, entries: list[StoredEntry]):
+        self.ref, self.entries = ref, entries
+        self.verified = self.lossy = 0
+
+    def wrap(self, tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for entry, tensor in zip(self.entries, tensors):
+            if entry.kind not in deltas.LOSSLESS_KINDS:
+                self.lossy += 1
+            elif codec.tensor_digest(tensor) != entry.tensor_digest:
+                raise IntegrityError(
+                    f"{self.ref}: tensor {entry.key!r} does not rebuild to the digest recorded at push; nothing was written"
+                )
+            else:
+                self.verified += 1
+            yield tensor
 
 
-def _group_summaries(tensors) -> list[GroupSummary]:
-    groups: dict[str, list] = {}
-    for t in tensors:
-        groups.setdefault(layer_group(t.key), []).append(t)
-    out = []
-    for name, ts in groups.items():
-        changed = [t for t in ts if t.kind != "base"]
-        errors = [t.rel_error for t in changed]
-        out.append(
-            GroupSummary(
-                group=name, n_tensors=len(ts), n_changed=len(changed),
-                rank=sum(t.rank or 0 for t in changed if t.kind == "lowrank"),
-                full_rank=sum(t.full_rank or 0 for t in changed if t.kind == "lowrank"),
-                kept_params=sum(t.kept_params for t in ts), stored_bytes=sum(t.stored_bytes for t in ts),
-                max_error=max(errors, default=0.0), mean_error=sum(errors) / len(errors) if errors else 0.0,
-            )
-        )
-    return out
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
 
 
 _FORMAT_ALIASES = {"safetensors": "safetensors", "ckpt": "pickle", "pickle": "pickle", "pt": "pickle", "diffusers": "diffusers"}

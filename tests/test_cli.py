@@ -31,9 +31,9 @@ def test_the_readme_session(run, models, tmp_path):
     out = run("base", "add", models.base, "--name", "sd15").stdout
     assert out.startswith("base sd15  58 tensors")
     out = run("push", models.ft).stdout
-    assert out.startswith("subject-1 rev 1  base sd15  ") and "tau 0.5" in out and "->" in out
+    assert out.startswith("subject-1 rev 1  base sd15  ") and "energy=0.5 fp16" in out and "->" in out
     out = run("push", models.ft, "--subject", "corgi", "--energy", "0.2").stdout
-    assert out.startswith("corgi rev 1  base sd15") and "tau 0.2" in out
+    assert out.startswith("corgi rev 1  base sd15") and "energy=0.2" in out
     listing = run("ls").stdout.splitlines()
     assert listing[0].split() == ["subject", "rev", "base", "original", "stored", "ratio", "created"]
     assert [line.split()[0] for line in listing[1:]] == ["corgi", "subject-1"]

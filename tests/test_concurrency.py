@@ -15,7 +15,7 @@ from registry.demo import finetune, make_base, state_dict
 def _push(args) -> tuple[str, int, str]:
     catalog, store, home, path, subject = args
     with Registry.open(catalog, store, home=home) as r:
-        rev = r.push(path, subject, base="tiny", energy=1.0, factor_dtype="fp32", device="cpu")
+        rev = r.push(path, subject, base="tiny", energy=1.0, encoding="fp32", device="cpu")
     return rev.subject, rev.number, path
 
 

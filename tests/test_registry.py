@@ -52,7 +52,7 @@ def test_bytes_fall_and_error_rises_as_tau_falls(reg_base, models):
 
 
 def test_tau_one_with_fp32_factors_rebuilds_every_tensor_to_roundoff(reg_base, models, tmp_path):
-    reg_base.push(models.ft, "exactish", energy=1.0, factor_dtype="fp32")
+    reg_base.push(models.ft, "exactish", energy=1.0, encoding="fp32")
     rebuilt = load_file(reg_base.checkout("exactish", tmp_path / "o.safetensors").path)
     for k, v in models.ft_sd.items():
         assert torch.allclose(rebuilt[k], v, rtol=1e-5, atol=1e-6), k
@@ -78,6 +78,10 @@ def test_one_dim_deltas_are_dense_and_matrices_low_rank(reg_base, models):
     detail = reg_base.show(reg_base.push(models.ft, "kinds").ref)
     for t in detail.tensors:
         if t.kind == "base":
+            continue
+        if t.key == "token_embedding.weight":
+            # The fine-tune trained a few tokens' rows: they are cheaper stored as they are.
+            assert t.kind == "sparse" and 1 <= t.rank < t.shape[0]
             continue
         assert t.kind == ("lowrank" if len(t.shape) >= 2 else "dense"), t.key
         if t.kind == "lowrank":
@@ -120,7 +124,7 @@ def test_sharded_diffusers_folder_round_trips(reg_base, models, tmp_path):
 
 @pytest.mark.parametrize("which,dtype", [("ft_fp16", torch.float16), ("ft_bf16", torch.bfloat16)])
 def test_half_precision_finetunes_round_trip_in_their_dtype(reg_base, models, tmp_path, which, dtype):
-    reg_base.push(getattr(models, which), "half", factor_dtype="fp32", energy=1.0)
+    reg_base.push(getattr(models, which), "half", encoding="fp32", energy=1.0)
     rebuilt = load_file(reg_base.checkout("half", tmp_path / "h.safetensors").path)
     for k, v in models.ft_sd.items():
         assert rebuilt[k].dtype == dtype
@@ -268,8 +272,8 @@ def test_checkout_on_a_machine_with_only_the_registry(tmp_path, models):
 
 
 def test_fast_and_exact_methods_store_the_same_ranks_and_weights(reg_base, models, tmp_path):
-    fast = reg_base.push(models.ft, "fast", energy=0.5, method="gram", factor_dtype="fp32")
-    exact = reg_base.push(models.ft, "exact", energy=0.5, method="svd", factor_dtype="fp32")
+    fast = reg_base.push(models.ft, "fast", energy=0.5, method="gram", encoding="fp32")
+    exact = reg_base.push(models.ft, "exact", energy=0.5, method="svd", encoding="fp32")
     fast_t = {t.key: t for t in reg_base.show(fast.ref).tensors}
     exact_t = {t.key: t for t in reg_base.show(exact.ref).tensors}
     for key, t in fast_t.items():

@@ -1,0 +1,204 @@
+"""How one tensor's change is stored, and rebuilt: the representations and the choice among them.
+
+Kinds (``entries.kind``):
+
+- ``base``: unchanged, bit for bit (possibly in another float dtype): a reference, no blob.
+- ``full``: the tensor itself (integer and boolean tensors).
+- ``lowrank``: Delta-SVD factors, in one of :mod:`encodings`.
+- ``dense``: the whole delta in a float dtype (1-D tensors, and layers where factors would cost more).
+- ``sparse``: the changed rows, bit for bit (an embedding table where a few tokens were trained).
+- ``exact``: the fine-tune's bits XOR the base's, split into byte planes, for lossless pushes.
+- ``dropped``: a change that budget mode chose not to keep (rebuilds as the base tensor).
+
+Among the representations that meet the requested fidelity, the one with the smallest blob bound
+wins; ``base``, ``full``, ``sparse`` and ``exact`` rebuild the pushed tensor exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from . import codec, deltasvd, encodings
+from .ranking import RankRule, blob_bound, rank_for
+
+LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
+KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped"}
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor, ready to record: its kind, and the blob (encoded) when it needs one."""
+
+    kind: str
+    data: bytes | None = None
+    raw_size: int = 0
+    rank: int | None = None
+    full_rank: int | None = None
+    rel_error: float = 0.0
+    encoding: str | None = None
+
+    @property
+    def digest(self) -> str | None:
+        return None if self.data is None else hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    bound: int
+    rel_error: float
+    rank: int | None = None
+    encoding: str | None = None
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bitwise equality: ``torch.equal`` calls -0.0 and 0.0 equal, and a lossless store must not."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if not x.is_floating_point():
+        return torch.equal(x, y)
+    return torch.equal(_as_int(x), _as_int(y))
+
+
+def compress(
+    ft: torch.Tensor,
+    bt: torch.Tensor,
+    rule: RankRule,
+    encoding: str,
+    *,
+    method: str = "gram",
+    device: torch.device | str = "cpu",
+    rank: int | None = None,
+) -> Stored:
+    """Store ``ft`` against base tensor ``bt`` under ``rule``; ``rank`` overrides the rule (budget mode)."""
+    if not ft.is_floating_point():
+        return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
+    bt_same = bt.to(ft.dtype)
+    if same_bits(bt_same, ft):
+        return Stored("base")
+    sparse = _sparse_rows(ft, bt_same)
+    if rule.lossless:
+        return _stored(min(filter(None, [sparse, _xor(ft, bt_same)]), key=lambda c: c.bound))
+
+    delta = ft.to(device=device, dtype=torch.float32) - bt.to(device=device, dtype=torch.float32)
+    bound = rule.value if rule.mode == "max-error" else None
+    full_rank = None
+    if delta.dim() < 2:
+        chosen = _dense(delta, encoding)
+    else:
+        spectrum = deltasvd.Spectrum(delta, method)
+        full_rank = spectrum.full_rank
+        t = rank if rank is not None else rank_for(rule, spectrum.s)
+        chosen = _lowrank(spectrum, t, encoding)
+        # Quantization adds its own error: raise the rank until the stored factors meet the bound.
+        while bound is not None and chosen.rel_error > bound and chosen.rank < full_rank:
+            chosen = _lowrank(spectrum, min(full_rank, chosen.rank + max(1, chosen.rank // 8)), encoding)
+        if t == 0 and rank is not None:
+            chosen = _Candidate("dropped", {}, 0, 1.0, 0)
+        dense_bound = blob_bound(delta.numel() * encodings.dense_dtype(encoding).itemsize, 1)
+        if dense_bound < chosen.bound or (bound is not None and chosen.rel_error > bound):
+            dense = _dense(delta, encoding)
+            if dense.rel_error <= chosen.rel_error or dense.bound < chosen.bound:
+                chosen = dense
+    if sparse is not None and sparse.bound <= chosen.bound:
+        chosen = sparse
+    if bound is not None and chosen.rel_error > bound:
+        chosen = _xor(ft, bt_same)  # a bound below what float storage can meet: lossless meets any bound
+    return _stored(chosen, full_rank)
+
+
+def rebuild(kind: str, dtype: torch.dtype, shape: tuple[int, ...], bt: torch.Tensor | None, stored: dict | None, device) -> torch.Tensor:
+    """The tensor an entry stands for, on the CPU, in ``dtype``. W + ΔW is formed in fp32 on ``device``."""
+    if kind in ("base", "dropped"):
+        return bt.to(dtype)
+    if kind == "full":
+        return stored["tensor"]
+    if kind == "sparse":
+        w = bt.to(dtype).reshape(shape[0], -1).clone()
+        w[stored["rows"]] = stored["values"].reshape(stored["rows"].numel(), -1)
+        return w.reshape(shape)
+    if kind == "exact":
+        base_bits = _as_int(bt.to(dtype)).reshape(-1)
+        planes = stored["xor"]  # (itemsize, n) bytes, little-endian order
+        xor = planes.T.contiguous().view(base_bits.dtype).reshape(-1)
+        return (base_bits ^ xor).view(dtype).reshape(shape)
+    # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
+    w = bt.to(device=device, dtype=torch.float32)
+    if kind == "dense":
+        w += stored["delta"].to(device=device, dtype=torch.float32).reshape(w.shape)
+    elif kind == "lowrank":
+        a, b = encodings.decode_factors(stored)
+        w = w.reshape(w.shape[0], -1)
+        w.addmm_(a.to(device), b.to(device))
+    else:
+        raise ValueError(f"unknown entry kind {kind!r}")
+    return w.reshape(shape).to(dtype).cpu()
+
+
+def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Tensor | None:
+    """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
+    if not ft.is_floating_point() or ft.dim() < 2 or same_bits(bt.to(ft.dtype), ft):
+        return None
+    delta = ft.float() - bt.float()
+    return deltasvd.singular_values(deltasvd.as_matrix(delta), method).double()
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str) -> _Candidate:
+    a, b = spectrum.factors(t)
+    tensors = encodings.encode_factors(a, b, spectrum.s, encoding)
+    qa, qb = encodings.decode_factors(tensors)
+    error = deltasvd.relative_error(spectrum.matrix, qa.to(spectrum.matrix.device), qb.to(spectrum.matrix.device))
+    return _Candidate("lowrank", tensors, _bound(tensors), error, t, encoding)
+
+
+def _dense(delta: torch.Tensor, encoding: str) -> _Candidate:
+    stored = delta.to(encodings.dense_dtype(encoding))
+    norm = torch.linalg.vector_norm(delta)
+    error = float(torch.linalg.vector_norm(delta - stored.float()) / norm) if norm > 0 else 0.0
+    name = next(k for k, v in encodings.FLOAT_ENCODINGS.items() if v == stored.dtype)
+    return _Candidate("dense", {"delta": stored}, _bound({"delta": stored}), error, None, name)
+
+
+def _sparse_rows(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate | None:
+    """The changed rows of a ≥2-D tensor, when at most half of them changed."""
+    if ft.dim() < 2:
+        return None
+    rows = ft.shape[0]
+    changed = (_as_int(ft).reshape(rows, -1) != _as_int(bt_same).reshape(rows, -1)).any(1)
+    count = int(changed.sum())
+    if count == 0 or count > rows // 2:
+        return None
+    index = torch.nonzero(changed).reshape(-1).to(torch.int64)
+    tensors = {"rows": index, "values": ft.reshape(rows, -1)[index].contiguous()}
+    return _Candidate("sparse", tensors, _bound(tensors), 0.0, count)
+
+
+def _xor(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate:
+    xor = _as_int(ft).reshape(-1) ^ _as_int(bt_same).reshape(-1)
+    # Byte planes: the high bytes of a small change are mostly zero, and zstd finds long zero runs.
+    planes = xor.view(torch.uint8).reshape(-1, ft.element_size()).T.contiguous()
+    return _Candidate("exact", {"xor": planes}, _bound({"xor": planes}), 0.0)
+
+
+def _as_int(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def _bound(tensors: dict[str, torch.Tensor]) -> int:
+    return blob_bound(sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
+
+
+def _stored(c: _Candidate, full_rank: int | None = None) -> Stored:
+    if not c.tensors:
+        return Stored(c.kind, None, 0, c.rank, full_rank, c.rel_error, c.encoding)
+    data, raw = codec.encode({k: v.detach().cpu() for k, v in c.tensors.items()})
+    return Stored(c.kind, data, raw, c.rank, full_rank if c.kind in ("lowrank", "dropped") else None, c.rel_error, c.encoding)

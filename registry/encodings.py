@@ -1,0 +1,112 @@
+"""How Delta-SVD factors become stored tensors: float casts, int8, and mixed int8/int4.
+
+A blob says its own encoding through its tensor names, so a reader needs nothing else:
+
+- float (``fp32``, ``fp16``, ``bf16``): ``a`` (out × t) and ``b`` (t × in) in that dtype.
+- ``int8``: ``a.q8`` / ``b.q8`` (int8) with ``a.s8`` / ``b.s8`` (fp32, one scale per singular
+  direction: per column of A, per row of B). Symmetric rounding, x ≈ q · s.
+- ``mixed``: the leading directions as in ``int8``; the tail in 4 bits, ``a.q4`` / ``b.q4`` (two
+  values per byte, low nibble first, each value + 8 in 1..15) with scales ``a.s4`` / ``b.s4``.
+
+Quantizing per direction matches the factors' structure: A = U_tΣ_t has columns of very different
+size (the singular values), while each row of B = V_tᵀ has unit norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_ENCODINGS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ENCODINGS = ("fp16", "bf16", "fp32", "int8", "mixed")
+
+# In ``mixed``, a direction is stored in 4 bits once its singular value is this many times smaller
+# than the first: 4 fewer bits is 16x coarser steps, so every direction's rounding noise is then of
+# about the same absolute size (reverse water-filling), and none of them dominates the error.
+MIXED_SPLIT = 16.0
+_LEVELS = {8: 127, 4: 7}
+
+
+def check(encoding: str) -> str:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    return encoding
+
+
+def dense_dtype(encoding: str) -> torch.dtype:
+    """The dtype that a dense delta (a bias, a norm, a layer stored whole) takes under ``encoding``."""
+    return FLOAT_ENCODINGS.get(encoding, torch.float16)
+
+
+def leading_directions(singular_values: torch.Tensor, rank: int, encoding: str) -> int:
+    """How many of the kept directions get the encoding's wide format (all but ``mixed``'s 4-bit tail)."""
+    if encoding != "mixed" or rank == 0:
+        return rank
+    s = singular_values[:rank].double()
+    return int((s * MIXED_SPLIT >= s[0]).sum())
+
+
+def direction_bytes(out: int, inner: int, encoding: str, wide: bool = True) -> float:
+    """Payload bytes one kept direction costs: its column of A and row of B, plus scales."""
+    if encoding in FLOAT_ENCODINGS:
+        return (out + inner) * FLOAT_ENCODINGS[encoding].itemsize
+    if wide or encoding == "int8":
+        return out + inner + 8
+    return (out + inner) / 2 + 8 + 1  # nibbles, two scales, and up to a byte of padding per row
+
+
+def encode_factors(a: torch.Tensor, b: torch.Tensor, singular_values: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
+    """The tensors to store for ΔW ≈ a·b (fp32 factors, directions in descending order)."""
+    check(encoding)
+    if encoding in FLOAT_ENCODINGS:
+        dtype = FLOAT_ENCODINGS[encoding]
+        return {"a": a.to(dtype).contiguous(), "b": b.to(dtype).contiguous()}
+    n8 = leading_directions(singular_values, a.shape[1], encoding)
+    out = {}
+    out["a.q8"], out["a.s8"] = _quantize(a[:, :n8], 8, dim=0)
+    out["b.q8"], out["b.s8"] = _quantize(b[:n8], 8, dim=1)
+    if n8 < a.shape[1]:
+        qa, out["a.s4"] = _quantize(a[:, n8:], 4, dim=0)
+        qb, out["b.s4"] = _quantize(b[n8:], 4, dim=1)
+        out["a.q4"], out["b.q4"] = _pack4(qa), _pack4(qb)
+    return out
+
+
+def decode_factors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_factors`: fp32 (a, b). Raises ValueError on a blob of no known layout."""
+    if "a" in tensors and "b" in tensors:
+        return tensors["a"].float(), tensors["b"].float()
+    if "a.q8" not in tensors:
+        raise ValueError(f"factor blob holds {sorted(tensors)}, which is no known encoding")
+    a = tensors["a.q8"].float() * tensors["a.s8"][None, :]
+    b = tensors["b.q8"].float() * tensors["b.s8"][:, None]
+    if "a.q4" in tensors:
+        m = tensors["a.s4"].numel()
+        a4 = _unpack4(tensors["a.q4"], m).float() * tensors["a.s4"][None, :]
+        b4 = _unpack4(tensors["b.q4"], tensors["b.q8"].shape[1]).float() * tensors["b.s4"][:, None]
+        a, b = torch.cat([a, a4], 1), torch.cat([b, b4], 0)
+    return a, b
+
+
+def _quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric rounding with one fp32 scale per slice along ``dim`` (0: per column, 1: per row)."""
+    levels = _LEVELS[bits]
+    x = x.float()
+    peak = x.abs().amax(dim=dim) if x.numel() else x.new_zeros(x.shape[1 - dim])
+    scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))
+    q = torch.round(x / (scale[None, :] if dim == 0 else scale[:, None])).clamp_(-levels, levels).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """Rows of values in -7..7 as bytes, two per byte: (r, c) -> (r, ceil(c/2)) uint8."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.full((u.shape[0], 1), 8, dtype=torch.uint8)], 1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def _unpack4(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    lo = (packed & 0x0F).to(torch.int16) - 8
+    hi = (packed >> 4).to(torch.int16) - 8
+    both = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)
+    return both[:, :columns]
