@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import codec, deltasvd, encodings
-from .ranking import RankRule, blob_bound, rank_for
+from .ranking import Allocation, RankRule, blob_bound_of, dense_bound, rank_for
 
 LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
 KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped"}
@@ -74,9 +74,9 @@ def compress(
     *,
     method: str = "gram",
     device: torch.device | str = "cpu",
-    rank: int | None = None,
+    allocation: Allocation | None = None,
 ) -> Stored:
-    """Store ``ft`` against base tensor ``bt`` under ``rule``; ``rank`` overrides the rule (budget mode)."""
+    """Store ``ft`` against base tensor ``bt`` under ``rule``; budget mode passes each tensor's ``allocation``."""
     if not ft.is_floating_point():
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
     bt_same = bt.to(ft.dtype)
@@ -94,15 +94,15 @@ def compress(
     else:
         spectrum = deltasvd.Spectrum(delta, method)
         full_rank = spectrum.full_rank
-        t = rank if rank is not None else rank_for(rule, spectrum.s)
-        chosen = _lowrank(spectrum, t, encoding)
+        t = allocation.rank if allocation is not None else rank_for(rule, spectrum.s)
+        chosen = _lowrank(spectrum, t, encoding, None if allocation is None else allocation.wide)
         # Quantization adds its own error: raise the rank until the stored factors meet the bound.
         while bound is not None and chosen.rel_error > bound and chosen.rank < full_rank:
             chosen = _lowrank(spectrum, min(full_rank, chosen.rank + max(1, chosen.rank // 8)), encoding)
-        if t == 0 and rank is not None:
+        if t == 0 and allocation is not None:
             chosen = _Candidate("dropped", {}, 0, 1.0, 0)
-        dense_bound = blob_bound(delta.numel() * encodings.dense_dtype(encoding).itemsize, 1)
-        if dense_bound < chosen.bound or (bound is not None and chosen.rel_error > bound):
+        whole = dense_bound(tuple(delta.shape), encodings.dense_dtype(encoding))
+        if whole < chosen.bound or (bound is not None and chosen.rel_error > bound):
             dense = _dense(delta, encoding)
             if dense.rel_error <= chosen.rel_error or dense.bound < chosen.bound:
                 chosen = dense
@@ -152,12 +152,12 @@ def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Te
 # ---------------------------------------------------------------- candidates
 
 
-def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str) -> _Candidate:
+def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str, wide: int | None = None) -> _Candidate:
     a, b = spectrum.factors(t)
-    tensors = encodings.encode_factors(a, b, spectrum.s, encoding)
+    tensors = encodings.encode_factors(a, b, spectrum.s, encoding, wide)
     qa, qb = encodings.decode_factors(tensors)
     error = deltasvd.relative_error(spectrum.matrix, qa.to(spectrum.matrix.device), qb.to(spectrum.matrix.device))
-    return _Candidate("lowrank", tensors, _bound(tensors), error, t, encoding)
+    return _Candidate("lowrank", tensors, blob_bound_of(tensors), error, t, encoding)
 
 
 def _dense(delta: torch.Tensor, encoding: str) -> _Candidate:
@@ -165,7 +165,7 @@ def _dense(delta: torch.Tensor, encoding: str) -> _Candidate:
     norm = torch.linalg.vector_norm(delta)
     error = float(torch.linalg.vector_norm(delta - stored.float()) / norm) if norm > 0 else 0.0
     name = next(k for k, v in encodings.FLOAT_ENCODINGS.items() if v == stored.dtype)
-    return _Candidate("dense", {"delta": stored}, _bound({"delta": stored}), error, None, name)
+    return _Candidate("dense", {"delta": stored}, blob_bound_of({"delta": stored}), error, None, name)
 
 
 def _sparse_rows(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate | None:
@@ -179,22 +179,18 @@ def _sparse_rows(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate | None:
         return None
     index = torch.nonzero(changed).reshape(-1).to(torch.int64)
     tensors = {"rows": index, "values": ft.reshape(rows, -1)[index].contiguous()}
-    return _Candidate("sparse", tensors, _bound(tensors), 0.0, count)
+    return _Candidate("sparse", tensors, blob_bound_of(tensors), 0.0, count)
 
 
 def _xor(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate:
     xor = _as_int(ft).reshape(-1) ^ _as_int(bt_same).reshape(-1)
     # Byte planes: the high bytes of a small change are mostly zero, and zstd finds long zero runs.
     planes = xor.view(torch.uint8).reshape(-1, ft.element_size()).T.contiguous()
-    return _Candidate("exact", {"xor": planes}, _bound({"xor": planes}), 0.0)
+    return _Candidate("exact", {"xor": planes}, blob_bound_of({"xor": planes}), 0.0)
 
 
 def _as_int(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def _bound(tensors: dict[str, torch.Tensor]) -> int:
-    return blob_bound(sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
 
 
 def _stored(c: _Candidate, full_rank: int | None = None) -> Stored:

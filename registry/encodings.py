@@ -19,10 +19,13 @@ import torch
 FLOAT_ENCODINGS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENCODINGS = ("fp16", "bf16", "fp32", "int8", "mixed")
 
-# In ``mixed``, a direction is stored in 4 bits once its singular value is this many times smaller
-# than the first: 4 fewer bits is 16x coarser steps, so every direction's rounding noise is then of
-# about the same absolute size (reverse water-filling), and none of them dominates the error.
-MIXED_SPLIT = 16.0
+# Relative rounding noise that one direction's energy picks up when both its factor vectors are
+# rounded with a per-vector absmax scale (Gaussian-like entries: peak ≈ 3.8 rms at 1,000 entries,
+# noise = step²/12 per entry, twice): about 5% at 4 bits and 0.015% at 8 bits.
+NOISE = {8: 1.5e-4, 4: 0.05}
+# ``mixed`` under a rank rule: the tail goes to 4 bits while its added noise stays below this share
+# of the energy the truncation already drops (so the error grows by under 2.5%).
+MIXED_NOISE_SHARE = 0.05
 _LEVELS = {8: 127, 4: 7}
 
 
@@ -38,11 +41,18 @@ def dense_dtype(encoding: str) -> torch.dtype:
 
 
 def leading_directions(singular_values: torch.Tensor, rank: int, encoding: str) -> int:
-    """How many of the kept directions get the encoding's wide format (all but ``mixed``'s 4-bit tail)."""
+    """How many of the kept directions get 8 bits under a rank rule (all but ``mixed``'s 4-bit tail).
+
+    The tail is the longest run of trailing kept directions whose 4-bit noise, NOISE[4]·Σσᵢ², stays
+    under MIXED_NOISE_SHARE of what the truncation drops, Σ_{j>rank} σⱼ². Budget mode chooses the
+    split itself (:func:`registry.ranking.allocate`).
+    """
     if encoding != "mixed" or rank == 0:
         return rank
-    s = singular_values[:rank].double()
-    return int((s * MIXED_SPLIT >= s[0]).sum())
+    sq = singular_values.double().clamp_min(0) ** 2
+    allowed = MIXED_NOISE_SHARE * float(sq[rank:].sum()) / NOISE[4]
+    tail = torch.cumsum(torch.flip(sq[:rank], (0,)), 0)  # energy of the last 1, 2, ... kept directions
+    return rank - int((tail <= allowed).sum())
 
 
 def direction_bytes(out: int, inner: int, encoding: str, wide: bool = True) -> float:
@@ -54,13 +64,18 @@ def direction_bytes(out: int, inner: int, encoding: str, wide: bool = True) -> f
     return (out + inner) / 2 + 8 + 1  # nibbles, two scales, and up to a byte of padding per row
 
 
-def encode_factors(a: torch.Tensor, b: torch.Tensor, singular_values: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
-    """The tensors to store for ΔW ≈ a·b (fp32 factors, directions in descending order)."""
+def encode_factors(
+    a: torch.Tensor, b: torch.Tensor, singular_values: torch.Tensor, encoding: str, wide: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors to store for ΔW ≈ a·b (fp32 factors, directions in descending order).
+
+    ``wide``: for ``mixed``, how many leading directions keep 8 bits (default: the rank rule's split).
+    """
     check(encoding)
     if encoding in FLOAT_ENCODINGS:
         dtype = FLOAT_ENCODINGS[encoding]
         return {"a": a.to(dtype).contiguous(), "b": b.to(dtype).contiguous()}
-    n8 = leading_directions(singular_values, a.shape[1], encoding)
+    n8 = a.shape[1] if encoding == "int8" else wide if wide is not None else leading_directions(singular_values, a.shape[1], encoding)
     out = {}
     out["a.q8"], out["a.s8"] = _quantize(a[:, :n8], 8, dim=0)
     out["b.q8"], out["b.s8"] = _quantize(b[:n8], 8, dim=1)

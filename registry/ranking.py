@@ -1,19 +1,19 @@
 """Which rank each layer keeps: the paper's energy rule, a per-tensor error bound, or a byte budget.
 
 Budget mode's criterion: keep the set of singular directions, over all layers together, that
-maximizes the retained squared Frobenius norm of the deltas, Σ_layers Σ_kept σᵢ² — equivalently,
-minimizes the total squared error Σ‖ΔW − A·B‖²_F — subject to the stored bytes fitting the budget.
-Each direction costs the bytes of its column of A and row of B under the chosen encoding, so the
-allocation is a knapsack; it is filled greedily by gain per byte (σᵢ² / bytes), taking each layer's
-directions in order. Every cost is an upper bound on what the blob will take (zstd's worst-case
-bound on the uncompressed safetensors, header included), so the stored total can never exceed the
-budget, only fall short of it by what zstd saves.
+maximizes the retained squared Frobenius norm of the deltas, Σ_layers Σ_kept σᵢ² (less the
+rounding noise of the chosen encoding) — equivalently, minimizes the total squared error
+Σ‖ΔW − ΔŴ‖²_F — subject to the stored bytes fitting the budget. Each step costs the bytes of one
+direction's column of A and row of B; with ``mixed`` a direction can be taken at 4 bits and later
+widened to 8 (the leading directions are the wide ones). The knapsack is filled greedily by gain per
+byte, each layer's steps in order. Every cost is an upper bound on what the blob will take (the
+exact safetensors layout, then zstd's worst case for incompressible input: raw blocks), so the
+stored total never exceeds the budget; it falls short by what zstd saves.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +21,16 @@ import torch
 from . import deltasvd, encodings
 from .config import DEFAULT_ENERGY, parse_size
 from .errors import UsageError
+from .records import numel
 
 MODES = ("energy", "max-error", "budget", "exact")
 
-# Safetensors header bound per tensor in a blob: {"name":{"dtype":"XX","shape":[a,b],"data_offsets":[x,y]}}
-# is under 100 bytes for our names and any realistic shape; plus the 8-byte length and padding.
-_HEADER_PER_TENSOR = 128
-_HEADER_FIXED = 16
+_ZSTD_BLOCK = 128 * 1024
+_ZSTD_FRAME = 22  # magic, frame header descriptor, window, dictionary id, content size, checksum
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 @dataclass(frozen=True)
@@ -99,20 +102,47 @@ def rank_for(rule: RankRule, singular_values: torch.Tensor) -> int:
     raise ValueError(f"rank_for does not apply to {rule.mode} mode")
 
 
-def blob_bound(payload: float, n_tensors: int) -> int:
-    """Largest size a blob of this payload can take: safetensors header, then zstd's compress bound."""
-    raw = payload + _HEADER_FIXED + _HEADER_PER_TENSOR * n_tensors
-    # ZSTD_COMPRESSBOUND(s) = s + s/256 + (s < 128 KiB ? (128 KiB - s) / 2048 : 0)
-    return math.ceil(raw + raw / 256 + 64) + 8
+def zstd_bound(raw: int) -> int:
+    """zstd never stores a block bigger than as raw bytes with a 3-byte header; plus the frame's."""
+    return raw + 3 * max(1, -(-raw // _ZSTD_BLOCK)) + _ZSTD_FRAME
 
 
-def factor_blob_bound(out: int, inner: int, singular_values: torch.Tensor, rank: int, encoding: str) -> int:
-    """Upper bound on the stored bytes of rank-``rank`` factors of an out × inner delta."""
-    wide = encodings.leading_directions(singular_values, rank, encoding)
-    payload = wide * encodings.direction_bytes(out, inner, encoding, True)
-    payload += (rank - wide) * encodings.direction_bytes(out, inner, encoding, False)
-    n_tensors = 2 if encoding in encodings.FLOAT_ENCODINGS else (4 if wide == rank else 8)
-    return blob_bound(payload, n_tensors)
+def safetensors_size(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes of a safetensors file holding these tensors: 8-byte length, compact JSON header padded
+    to 8 bytes, data. Offsets are counted at the largest one's width, so this is never short."""
+    payload = sum(numel(shape) * dtype.itemsize for _, dtype, shape in tensors)
+    entries = [
+        f'"{name}":{{"dtype":"{_DTYPE_CODES[dtype]}","shape":[{",".join(map(str, shape))}],"data_offsets":[{payload},{payload}]}}'
+        for name, dtype, shape in tensors
+    ]
+    header = len("{" + ",".join(entries) + "}")
+    return 8 + -(-header // 8) * 8 + payload
+
+
+def blob_bound_of(tensors: dict[str, torch.Tensor]) -> int:
+    return zstd_bound(safetensors_size([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]))
+
+
+def dense_bound(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return zstd_bound(safetensors_size([("delta", dtype, shape)]))
+
+
+def factor_blob_bound(out: int, inner: int, rank: int, wide: int, encoding: str) -> int:
+    """Upper bound on the stored bytes of rank-``rank`` factors of an out × inner delta, ``wide`` of
+    them at 8 bits (``int8``/``mixed``; the rest at 4)."""
+    if rank == 0:
+        return 0
+    if encoding in encodings.FLOAT_ENCODINGS:
+        dt = encodings.FLOAT_ENCODINGS[encoding]
+        return zstd_bound(safetensors_size([("a", dt, (out, rank)), ("b", dt, (rank, inner))]))
+    narrow = rank - wide
+    layout = [("a.q8", torch.int8, (out, wide)), ("a.s8", torch.float32, (wide,)), ("b.q8", torch.int8, (wide, inner)), ("b.s8", torch.float32, (wide,))]
+    if narrow:
+        layout += [
+            ("a.q4", torch.uint8, (out, -(-narrow // 2))), ("a.s4", torch.float32, (narrow,)),
+            ("b.q4", torch.uint8, (narrow, -(-inner // 2))), ("b.s4", torch.float32, (narrow,)),
+        ]
+    return zstd_bound(safetensors_size(layout))
 
 
 @dataclass(frozen=True)
@@ -125,35 +155,59 @@ class LayerSpectrum:
     singular_values: torch.Tensor
 
 
-def allocate(layers: list[LayerSpectrum], budget: int, encoding: str) -> dict[str, int]:
-    """Ranks that maximize Σ kept σᵢ² with Σ factor_blob_bound ≤ ``budget`` (greedy by gain per byte)."""
-    ranks = {layer.key: 0 for layer in layers}
-    spent = 0
-    heap: list[tuple[float, int, int]] = []
+@dataclass(frozen=True)
+class Allocation:
+    rank: int
+    wide: int  # leading directions at the encoding's wide format (8 bits for int8 / mixed)
 
-    def push_next(i: int) -> None:
+
+def allocate(layers: list[LayerSpectrum], budget: int, encoding: str) -> dict[str, Allocation]:
+    """Ranks (and, for ``mixed``, 8-bit counts) that maximize the kept energy within ``budget`` bytes.
+
+    Greedy by gain per byte over each layer's next steps: add direction t (at 4 bits for ``mixed``,
+    else at the encoding's width), or, for ``mixed``, widen direction ``wide`` from 4 to 8 bits.
+    """
+    state = {layer.key: [0, 0] for layer in layers}  # rank, wide
+    spent = 0
+    heap: list[tuple[float, int, int, str, tuple[int, int]]] = []
+    narrow_bits = 4 if encoding == "mixed" else 8
+    keep_add = 1.0 - (encodings.NOISE[narrow_bits] if encoding in ("int8", "mixed") else 0.0)
+    keep_widen = encodings.NOISE[4] - encodings.NOISE[8]
+
+    def cost(layer: LayerSpectrum, rank: int, wide: int) -> int:
+        return factor_blob_bound(layer.out, layer.inner, rank, wide, encoding)
+
+    def offer(i: int) -> None:
         layer = layers[i]
-        t = ranks[layer.key]
-        if t >= layer.singular_values.numel():
-            return
-        sigma = float(layer.singular_values[t])
-        if sigma <= 0:
-            return
-        cost = factor_blob_bound(layer.out, layer.inner, layer.singular_values, t + 1, encoding) - (
-            factor_blob_bound(layer.out, layer.inner, layer.singular_values, t, encoding) if t else 0
-        )
-        heapq.heappush(heap, (-(sigma * sigma) / cost, i, cost))
+        rank, wide = state[layer.key]
+        s = layer.singular_values
+        now = cost(layer, rank, wide)
+        if rank < s.numel() and s[rank] > 0:
+            new_wide = wide if encoding == "mixed" else rank + 1
+            c = cost(layer, rank + 1, new_wide) - now
+            heapq.heappush(heap, (-float(s[rank]) ** 2 * keep_add / max(c, 1), i, c, "add", (rank, wide)))
+        if encoding == "mixed" and wide < rank:
+            # Can cost less than nothing: widening the last 4-bit direction drops the 4-bit tensors' headers.
+            c = cost(layer, rank, wide + 1) - now
+            heapq.heappush(heap, (-float(s[wide]) ** 2 * keep_widen / max(c, 1), i, c, "widen", (rank, wide)))
 
     for i in range(len(layers)):
-        push_next(i)
+        offer(i)
     while heap:
-        _, i, cost = heapq.heappop(heap)
-        if spent + cost > budget:
-            continue  # this layer's next direction does not fit; cheaper ones of other layers may
-        spent += cost
-        ranks[layers[i].key] += 1
-        push_next(i)
-    return ranks
+        _, i, c, step, at = heapq.heappop(heap)
+        rank, wide = state[layers[i].key]
+        if at != (rank, wide):
+            continue  # offered before the layer changed (its costs with it); a fresh offer is in the heap
+        if spent + c > budget:
+            continue  # this step does not fit; cheaper steps of other layers may
+        spent += c
+        if step == "add":
+            state[layers[i].key] = [rank + 1, wide if encoding == "mixed" else rank + 1]
+        else:
+            state[layers[i].key] = [rank, wide + 1]
+        # Both of this layer's offers are stale now (costs shift with the shape): make new ones.
+        offer(i)
+    return {key: Allocation(rank, wide) for key, (rank, wide) in state.items()}
 
 
 @dataclass(frozen=True)
@@ -169,32 +223,42 @@ def estimate(layers: list[LayerSpectrum], fixed: list[FixedTensor], rule: RankRu
     """What a push under ``rule`` and ``encoding`` would keep, from the spectra alone.
 
     Returns (kept params, stored bytes at most, relative Frobenius error of all 2-D deltas
-    together, largest per-tensor error). Errors are the truncation's; quantization adds a little.
+    together, largest per-tensor error). Errors count the truncation and the encoding's expected
+    rounding noise (:data:`encodings.NOISE`).
     """
     if rule.mode == "exact":
         raise UsageError("exact pushes cannot be estimated from spectra; push with --exact to see their size")
-    dense_itemsize = encodings.dense_dtype(encoding).itemsize
-    fixed_bytes = sum(blob_bound(f.numel * (f.itemsize or dense_itemsize), 1) for f in fixed)
+    dense_dtype = encodings.dense_dtype(encoding)
+    fixed_bytes = sum(dense_bound((f.numel,), dense_dtype if f.itemsize is None else _INT_OF_SIZE[f.itemsize]) for f in fixed)
     params = sum(f.numel for f in fixed)
     if rule.mode == "budget":
-        ranks = allocate(layers, max(0, int(rule.value) - fixed_bytes), encoding)
+        plan = allocate(layers, max(0, int(rule.value) - fixed_bytes), encoding)
     else:
-        ranks = {layer.key: rank_for(rule, layer.singular_values) for layer in layers}
+        plan = {}
+        for layer in layers:
+            t = rank_for(rule, layer.singular_values)
+            plan[layer.key] = Allocation(t, encodings.leading_directions(layer.singular_values, t, encoding))
     total = 0
     squared_error = squared_norm = 0.0
     worst = 0.0
     for layer in layers:
-        t = ranks[layer.key]
-        errors = deltasvd.truncation_errors(layer.singular_values)
-        norm2 = float((layer.singular_values.double() ** 2).sum())
-        lowrank = factor_blob_bound(layer.out, layer.inner, layer.singular_values, t, encoding) if t else 0
-        dense = blob_bound(layer.out * layer.inner * dense_itemsize, 1)
+        t, wide = plan[layer.key].rank, plan[layer.key].wide
+        sq = layer.singular_values.double() ** 2
+        norm2 = float(sq.sum())
+        lowrank = factor_blob_bound(layer.out, layer.inner, t, wide, encoding)
+        dense = dense_bound((layer.out, layer.inner), dense_dtype)
         if dense < lowrank:  # as a push would: the whole delta is cheaper than its factors
-            total, error, params = total + dense, 0.0, params + layer.out * layer.inner
+            total, lost, params = total + dense, 0.0, params + layer.out * layer.inner
         else:
-            total, error, params = total + lowrank, float(errors[t]), params + t * (layer.out + layer.inner)
-        squared_error += error**2 * norm2
+            noise = 0.0
+            if encoding in ("int8", "mixed"):
+                noise = encodings.NOISE[8] * float(sq[:wide].sum()) + encodings.NOISE[4] * float(sq[wide:t].sum())
+            total, lost, params = total + lowrank, float(sq[t:].sum()) + noise, params + t * (layer.out + layer.inner)
+        squared_error += lost
         squared_norm += norm2
-        worst = max(worst, error)
+        worst = max(worst, (lost / norm2) ** 0.5 if norm2 else 0.0)
     overall = (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0
     return params, total + fixed_bytes, overall, worst
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -27,7 +27,7 @@ from .layers import layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
 from .encodings import ENCODINGS
 from .pipeline import Background, prefetch
-from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
+from .ranking import Allocation, FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
     BaseInfo, CheckoutResult, GcReport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
 )
@@ -271,8 +271,8 @@ class Registry:
                 entries[key] = self._record(scanned.spec(key), stored, scanned.digests[key], lease, uploads)
             todo = [s for s in changed if s.key not in done]
             for i, (spec, ft, bt) in enumerate(prefetch(load, todo, window=2, workers=2)):
-                rank = None if ranks is None else ranks[spec.key]
-                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device, rank=rank)
+                allocation = None if ranks is None else ranks[spec.key]
+                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device, allocation=allocation)
                 entries[spec.key] = self._record(spec, stored, scanned.digests[spec.key], lease, uploads)
                 progress("compress", i + 1, len(todo))
             uploads.wait()
@@ -282,14 +282,14 @@ class Registry:
             assert total <= rule.value, f"budget planning is an upper bound, yet {total} > {rule.value}"
         return result
 
-    def _plan_budget(self, loaded, total, done, rule, encoding, method, device, progress) -> dict[str, int]:
+    def _plan_budget(self, loaded, total, done, rule, encoding, method, device, progress) -> dict[str, Allocation]:
         """Pass one of a budget push: store what has no rank (1-D deltas, integer tensors), then
         share what is left of the budget among the 2-D deltas by their spectra."""
         layers = []
         for i, (spec, ft, bt) in enumerate(loaded):
             s = deltas.survey(ft.to(device), bt.to(device), method)
             if s is None:
-                done[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device, rank=0)
+                done[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
             else:
                 out = spec.shape[0]
                 layers.append(LayerSpectrum(spec.key, out, numel(spec.shape) // out, s.cpu()))

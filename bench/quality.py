@@ -1,0 +1,177 @@
+"""Quality bench: stored bytes and functional error of every rank mode and encoding, next to the
+paper's fp16-factor Delta-SVD at the same tau.
+
+    python -m bench.quality                 # the small real fine-tune (about a minute)
+    python -m bench.quality --sd15          # and the SD1.5-shaped pair of bench/sd15.py (needs diffusers)
+
+Functional error: ‖f_rebuilt(x) − f_ft(x)‖ / ‖f_base(x) − f_ft(x)‖ on fixed inputs x (0 is the
+fine-tune exactly, 1 is no better than the base). "paper" is dsreg's energy rule with fp16 factors
+(Algorithm 1; dsreg may store a tensor whole where that is cheaper, which only lowers the
+paper's bytes here). Target: the paper's functional error at <= 0.33x its bytes.
+
+Rows: energy τ with int8 / mixed factors (same ranks as the paper, fewer bits); budget = 0.33x the
+paper's bytes; and, on the small model, the smallest budget whose functional error is no worse than
+the paper's (found by bisection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from registry import Registry
+from registry.demo import TinyUNet, finetune, fixed_inputs, make_base, state_dict
+
+TARGET = 0.33
+
+
+@dataclass
+class Row:
+    model: str
+    tau: float
+    mode: str
+    encoding: str
+    stored: int
+    func_error: float
+    paper_stored: int
+    paper_error: float
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.stored / self.paper_stored
+
+    @property
+    def verdict(self) -> str:
+        if self.mode == "paper":
+            return ""
+        same = self.func_error <= self.paper_error * 1.0001
+        return "met" if same and self.bytes_ratio <= TARGET else ("same error" if same else "worse error")
+
+
+class Subject:
+    """A base/fine-tune pair in a registry, and a function from rebuilt weights to model outputs."""
+
+    def __init__(self, name: str, reg: Registry, ft: Path, base_sd: dict, ft_sd: dict, forward: Callable[[dict], torch.Tensor], work: Path):
+        self.name, self.reg, self.ft, self.work = name, reg, ft, work
+        self.forward = forward
+        self.f_base, self.f_ft = forward(base_sd), forward(ft_sd)
+        self.n = 0
+
+    def measure(self, **options) -> tuple[int, float]:
+        self.n += 1
+        rev = self.reg.push(self.ft, f"{self.name}-{self.n}", **options)
+        out = self.reg.checkout(rev.ref, self.work / "rebuilt.safetensors", device="cpu").path
+        f = self.forward(load_file(out))
+        out.unlink()
+        return rev.stored_bytes, float(torch.linalg.vector_norm(f - self.f_ft) / torch.linalg.vector_norm(self.f_base - self.f_ft))
+
+
+def run(subject: Subject, taus, search: bool) -> list[Row]:
+    rows = []
+    for tau in taus:
+        start = len(rows)
+        paper_bytes, paper_err = subject.measure(energy=tau, encoding="fp16")
+        rows.append(Row(subject.name, tau, "paper", "fp16", paper_bytes, paper_err, paper_bytes, paper_err))
+        for encoding in ("int8", "mixed"):
+            stored, err = subject.measure(energy=tau, encoding=encoding)
+            rows.append(Row(subject.name, tau, f"energy={tau:g}", encoding, stored, err, paper_bytes, paper_err))
+        for encoding in ("int8", "mixed"):
+            budget = int(TARGET * paper_bytes)
+            stored, err = subject.measure(budget=budget, encoding=encoding)
+            rows.append(Row(subject.name, tau, f"budget={TARGET:g}x", encoding, stored, err, paper_bytes, paper_err))
+        if search:
+            for encoding in ("int8", "mixed"):
+                found = _smallest_budget(subject, paper_bytes, paper_err, encoding)
+                if found:
+                    rows.append(Row(subject.name, tau, "budget=smallest", encoding, found[0], found[1], paper_bytes, paper_err))
+        for row in rows[start:]:
+            print(_line(row), flush=True)
+    return rows
+
+
+def _smallest_budget(subject: Subject, paper_bytes: int, paper_err: float, encoding: str, steps: int = 7):
+    lo, hi, best = 0.02 * paper_bytes, 1.0 * paper_bytes, None
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        stored, err = subject.measure(budget=int(mid), encoding=encoding)
+        if err <= paper_err:
+            hi, best = mid, (stored, err)
+        else:
+            lo = mid
+    return best
+
+
+def small_subject(reg: Registry, work: Path, width: int = 64) -> Subject:
+    base = make_base(width, steps=60)
+    ft = finetune(base, subject=1, steps=40)
+    base_sd, ft_sd = state_dict(base), state_dict(ft)
+    save_file(base_sd, work / "small-base.safetensors")
+    save_file(ft_sd, work / "small-ft.safetensors")
+    reg.add_base(work / "small-base.safetensors", "small")
+    inputs = fixed_inputs()
+
+    @torch.no_grad()
+    def forward(sd: dict) -> torch.Tensor:
+        model = TinyUNet(width)
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        return model(*inputs)
+
+    return Subject("small", reg, work / "small-ft.safetensors", base_sd, ft_sd, forward, work)
+
+
+def sd15_subject(reg: Registry, work: Path, cache: Path) -> Subject:
+    from diffusers import UNet2DConditionModel
+
+    from bench.sd15 import build_pair
+
+    base, ft = build_pair(cache)
+    reg.add_base(base, "sd15")
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 32, 32, generator=g)
+    context = torch.randn(2, 77, 768, generator=g)
+    timestep = torch.tensor([250, 750])
+    model = UNet2DConditionModel(cross_attention_dim=768).eval()
+
+    @torch.no_grad()
+    def forward(sd: dict) -> torch.Tensor:
+        model.load_state_dict(sd)
+        return model(sample, timestep, encoder_hidden_states=context).sample
+
+    return Subject("sd15", reg, ft, load_file(base), load_file(ft), forward, work)
+
+
+def _line(r: Row) -> str:
+    return (
+        f"| {r.model} | {r.tau:g} | {r.mode} | {r.encoding} | {r.stored / 1e6:.3f} MB | {r.bytes_ratio:.3f}x | "
+        f"{r.func_error:.4f} | {r.func_error / r.paper_error:.3f}x | {r.verdict} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--taus", default="0.2,0.5,0.8")
+    ap.add_argument("--sd15", action="store_true", help="also the SD1.5-shaped pair (3.44 GB; minutes per row)")
+    ap.add_argument("--sd15-taus", default="0.2,0.5")
+    ap.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dsreg-quality-"))
+    print(f"| model | tau | mode | encoding | stored | x paper bytes | func error | x paper error | target (<= {TARGET}x bytes, same error) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        with Registry.open(f"sqlite:///{work / 'catalog.db'}", str(work / "blobs")) as reg:
+            run(small_subject(reg, work), [float(t) for t in args.taus.split(",")], search=True)
+            if args.sd15:
+                run(sd15_subject(reg, work, args.cache), [float(t) for t in args.sd15_taus.split(",")], search=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
