@@ -161,13 +161,25 @@ class Allocation:
     wide: int  # leading directions at the encoding's wide format (8 bits for int8 / mixed)
 
 
-def allocate(layers: list[LayerSpectrum], budget: int, encoding: str) -> dict[str, Allocation]:
+def allocate(
+    layers: list[LayerSpectrum],
+    budget: int,
+    encoding: str,
+    start: dict[str, Allocation] | None = None,
+    paid: dict[str, int] | None = None,
+) -> dict[str, Allocation]:
     """Ranks (and, for ``mixed``, 8-bit counts) that maximize the kept energy within ``budget`` bytes.
 
     Greedy by gain per byte over each layer's next steps: add direction t (at 4 bits for ``mixed``,
     else at the encoding's width), or, for ``mixed``, widen direction ``wide`` from 4 to 8 bits.
+    To top up an allocation already stored, pass it as ``start`` with the bytes each layer's blob
+    really took as ``paid``; ``budget`` is then the extra room, and a layer's first step costs its
+    new bound less what it paid (re-compressing it gives up what zstd saved on it).
     """
-    state = {layer.key: [0, 0] for layer in layers}  # rank, wide
+    start = start or {}
+    paid = paid or {}
+    origin = {layer.key: start.get(layer.key, Allocation(0, 0)) for layer in layers}
+    state = {key: [a.rank, a.wide] for key, a in origin.items()}  # rank, wide
     spent = 0
     heap: list[tuple[float, int, int, str, tuple[int, int]]] = []
     narrow_bits = 4 if encoding == "mixed" else 8
@@ -181,7 +193,8 @@ def allocate(layers: list[LayerSpectrum], budget: int, encoding: str) -> dict[st
         layer = layers[i]
         rank, wide = state[layer.key]
         s = layer.singular_values
-        now = cost(layer, rank, wide)
+        at_origin = Allocation(rank, wide) == origin[layer.key] and layer.key in paid
+        now = paid[layer.key] if at_origin else cost(layer, rank, wide)
         if rank < s.numel() and s[rank] > 0:
             new_wide = wide if encoding == "mixed" else rank + 1
             c = cost(layer, rank + 1, new_wide) - now

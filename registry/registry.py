@@ -27,7 +27,7 @@ from .layers import layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
 from .encodings import ENCODINGS
 from .pipeline import Background, prefetch
-from .ranking import Allocation, FixedTensor, LayerSpectrum, RankRule, allocate, estimate
+from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
     BaseInfo, CheckoutResult, GcReport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
 )
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``; the CLI turns it into progress bars."""
+
+# Budget pushes spend what zstd saved below the planned bounds in up to this many more rounds,
+# while more than this share of the budget is left.
+TOPUP_ROUNDS = 2
+TOPUP_MIN = 0.01
 
 # A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
 DETECT_MARGIN = 0.5
@@ -260,9 +265,8 @@ class Registry:
         def load(spec: TensorSpec):
             return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key])
 
-        ranks = None
         if rule.mode == "budget":
-            ranks = self._plan_budget(prefetch(load, changed, window=2, workers=2), len(changed), done, rule, encoding, method, device, progress)
+            done.update(self._compress_to_budget(load, changed, rule, encoding, method, device, progress))
         entries: dict[str, NewEntry] = {}
         # Two tensors read ahead and four uploads in flight: enough to keep both cores busy, and a
         # bound on memory of a few of the largest layers (the 1.5 GB target at SD1.5 size).
@@ -271,8 +275,7 @@ class Registry:
                 entries[key] = self._record(scanned.spec(key), stored, scanned.digests[key], lease, uploads)
             todo = [s for s in changed if s.key not in done]
             for i, (spec, ft, bt) in enumerate(prefetch(load, todo, window=2, workers=2)):
-                allocation = None if ranks is None else ranks[spec.key]
-                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device, allocation=allocation)
+                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
                 entries[spec.key] = self._record(spec, stored, scanned.digests[spec.key], lease, uploads)
                 progress("compress", i + 1, len(todo))
             uploads.wait()
@@ -282,25 +285,47 @@ class Registry:
             assert total <= rule.value, f"budget planning is an upper bound, yet {total} > {rule.value}"
         return result
 
-    def _plan_budget(self, loaded, total, done, rule, encoding, method, device, progress) -> dict[str, Allocation]:
-        """Pass one of a budget push: store what has no rank (1-D deltas, integer tensors), then
-        share what is left of the budget among the 2-D deltas by their spectra."""
+    def _compress_to_budget(self, load, changed, rule, encoding, method, device, progress) -> dict[str, deltas.Stored]:
+        """A budget push, before anything is uploaded (what it keeps in memory is budget-sized).
+
+        Pass one stores what has no rank (1-D deltas, integer tensors) and takes every 2-D delta's
+        spectrum; the rest of the budget is allocated by upper bounds and the layers compressed.
+        zstd then usually leaves some of the budget unspent: up to TOPUP_ROUNDS more rounds give it
+        to the layers that gain most, re-compressing only those, each round still within bounds.
+        """
+        stored: dict[str, deltas.Stored] = {}
         layers = []
-        for i, (spec, ft, bt) in enumerate(loaded):
+        for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
             s = deltas.survey(ft.to(device), bt.to(device), method)
             if s is None:
-                done[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
+                stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
             else:
-                out = spec.shape[0]
-                layers.append(LayerSpectrum(spec.key, out, numel(spec.shape) // out, s.cpu()))
-            progress("survey", i + 1, total)
-        fixed = sum({st.digest: len(st.data) for st in done.values() if st.data is not None}.values())
+                layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
+            progress("survey", i + 1, len(changed))
+        fixed = sum({st.digest: len(st.data) for st in stored.values() if st.data is not None}.values())
         if fixed > rule.value:
             raise UsageError(
                 f"--budget {int(rule.value)} bytes is below the {fixed} bytes that the tensors without a rank "
                 "(1-D deltas, integer tensors) take on their own; raise the budget"
             )
-        return allocate(layers, int(rule.value) - fixed, encoding)
+        room = int(rule.value) - fixed
+        plan = allocate(layers, room, encoding)
+        todo = {layer.key for layer in layers}
+        for _ in range(1 + TOPUP_ROUNDS):
+            specs = [s for s in changed if s.key in todo]
+            for i, (spec, ft, bt) in enumerate(prefetch(load, specs, window=2, workers=2)):
+                stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key])
+                progress("compress", i + 1, len(specs))
+            paid = {layer.key: len(stored[layer.key].data or b"") for layer in layers}
+            left = room - sum(paid.values())
+            if left < TOPUP_MIN * rule.value:
+                break
+            topped = allocate(layers, left, encoding, start=plan, paid=paid)
+            todo = {key for key in topped if topped[key] != plan[key]}
+            if not todo:
+                break
+            plan = topped
+        return stored
 
     def _record(self, spec: TensorSpec, stored: deltas.Stored, tdigest: str, lease: Lease, uploads: Background) -> NewEntry:
         blob = None
