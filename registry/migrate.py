@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 # Any fixed 64-bit number: Postgres advisory locks are keyed by integers.
 MIGRATION_LOCK = 0x64737265_67000001
@@ -36,7 +38,7 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, target: str = "head") -> None:
     """Migrate under a lock, so that many processes opening a new catalog at once migrate it once."""
     head = head_revision() if target == "head" else target
-    with engine.begin() as conn:
+    with _migrating(engine) as conn, conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         if MigrationContext.configure(conn).get_current_revision() == head:
@@ -45,5 +47,26 @@ def upgrade(engine: Engine, target: str = "head") -> None:
 
 
 def downgrade(engine: Engine, target: str) -> None:
-    with engine.begin() as conn:
+    with _migrating(engine) as conn, conn.begin():
         command.downgrade(alembic_config(conn), target)
+
+
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection to migrate on. On SQLite, foreign keys are off while it runs: Alembic changes a
+    table there by copying it and dropping the original, and with foreign keys on, dropping
+    ``revisions`` would cascade to every row of ``entries``. The keys are checked before it ends."""
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # Outside any transaction, where SQLite honours it: at the driver, before SQLAlchemy begins one.
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            yield conn
+            if sqlite:
+                broken = conn.connection.driver_connection.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migration left {len(broken)} rows whose foreign keys point nowhere, e.g. {broken[0]}")
+        finally:
+            if sqlite:
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys=ON")

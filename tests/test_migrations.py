@@ -1,5 +1,6 @@
 """The catalog schema comes from Alembic migrations, and they agree with the models."""
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -27,3 +28,52 @@ def test_downgrade_to_nothing_and_upgrade_again(engine):
     upgrade(engine)
     assert current_revision(engine) == head_revision()
     engine.dispose()
+
+
+def _seed_0003(conn) -> None:
+    """A catalog as revision 0003 wrote it: one base, one subject with one energy-ranked revision."""
+    now = "2026-01-01 00:00:00+00:00"
+    conn.execute(sa.text("INSERT INTO blobs (digest, size, raw_size, created_at) VALUES ('b1', 10, 20, :t), ('f1', 5, 9, :t)"), {"t": now})
+    conn.execute(sa.text(
+        "INSERT INTO bases (id, name, digest, n_tensors, n_params, nbytes, layout, created_at) "
+        "VALUES (1, 'sd15', 'd', 1, 4, 16, '{}', :t)"), {"t": now})
+    conn.execute(sa.text(
+        "INSERT INTO base_tensors (base_id, position, key, dtype, shape, tensor_digest, blob_digest) "
+        "VALUES (1, 0, 'w', 'float32', '[2, 2]', 't0', 'b1')"))
+    conn.execute(sa.text("INSERT INTO subjects (id, name, latest, counter, created_at) VALUES (1, 'corgi', 1, 1, :t)"), {"t": now})
+    conn.execute(sa.text(
+        "INSERT INTO revisions (id, subject_id, number, base_id, created_at, energy, factor_dtype, original_bytes, stored_bytes, "
+        "kept_params, n_tensors, n_changed, source_digest, source_format, layout) "
+        "VALUES (1, 1, 1, 1, :t, 0.2, 'bf16', 16, 5, 4, 1, 1, 's', 'safetensors', '{}')"), {"t": now})
+    conn.execute(sa.text(
+        "INSERT INTO entries (revision_id, position, key, kind, dtype, shape, rank, full_rank, rel_error, tensor_digest, blob_digest) "
+        "VALUES (1, 0, 'w', 'lowrank', 'float32', '[2, 2]', 1, 2, 0.5, 't1', 'f1')"))
+
+
+def test_0004_carries_earlier_revisions_over_and_back(engine):
+    from registry.catalog import Ref
+
+    url = engine.catalog_url
+    sa_engine = create_engine(url)
+    upgrade(sa_engine, "0003")
+    with sa_engine.begin() as conn:
+        _seed_0003(conn)
+    upgrade(sa_engine)
+    catalog = Catalog(sa_engine, url)
+    info = catalog.revision(Ref("corgi", 1))
+    assert (info.rank_rule, info.encoding, info.energy) == ("energy=0.2", "bf16", 0.2)
+    (tensor,) = catalog.tensor_infos(Ref("corgi", 1))
+    assert tensor.encoding == "bf16" and tensor.kind == "lowrank" and tensor.rank == 1
+    downgrade(sa_engine, "0003")
+    with sa_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT factor_dtype, energy FROM revisions")).one() == ("bf16", 0.2)
+        # SQLite rebuilds a changed table; with foreign keys on, that would have cascaded to entries.
+        assert conn.execute(sa.text("SELECT key, kind, rank FROM entries")).all() == [("w", "lowrank", 1)]
+    upgrade(sa_engine)
+    # A revision only the newer schema can describe: the downgrade refuses rather than drop it.
+    with sa_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE revisions SET rank_rule = 'budget=1000', energy = NULL"))
+    with pytest.raises(Exception, match="cannot hold"):
+        downgrade(sa_engine, "0003")
+    assert current_revision(sa_engine) == head_revision()
+    sa_engine.dispose()
