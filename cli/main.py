@@ -181,7 +181,7 @@ def checkout(obj: Context, ref, output, fmt, device, verify):
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--base", "-b", "base_name", help="Base to diff against (default: detected).")
-@click.option("--energy", "energies", default="0.06,0.2,0.5,0.8", show_default=True, help="Comma-separated tau values.")
+@click.option("--energy", "energies", default="", help="Comma-separated tau values [default 0.06,0.2,0.5,0.8 when no rule is given].")
 @click.option("--max-error", "max_errors", default="", help="Comma-separated error bounds.")
 @click.option("--budget", "budgets", default="", help="Comma-separated sizes, e.g. 5MB,20MB.")
 @click.option("--encoding", "encoding_list", default="fp16,int8", show_default=True, help="Comma-separated encodings.")
@@ -191,7 +191,7 @@ def sweep(obj: Context, path, base_name, energies, max_errors, budgets, encoding
     """Estimate stored bytes and error of PATH under several settings, storing nothing."""
     rules = [f"energy={v}" for v in _items(energies)] + [f"max-error={v}" for v in _items(max_errors)] + [f"budget={v}" for v in _items(budgets)]
     if not rules:
-        raise click.UsageError("give at least one --energy, --max-error or --budget value")
+        rules = [f"energy={v}" for v in (0.06, 0.2, 0.5, 0.8)]
     bars = obj.bars()
     rows = obj.registry().sweep(path, rules, _items(encoding_list), base=base_name, progress=bars)
     bars.close()

@@ -116,3 +116,27 @@ def test_installed_entry_point(tmp_path, models):
     missing = dsreg("checkout", "nobody", "-o", tmp_path / "x.safetensors")
     assert missing.returncode == 3 and missing.stderr.startswith("error: no subject named 'nobody'")
     assert "Traceback" not in missing.stderr
+
+
+def test_rank_rules_encodings_verify_sweep_and_report(run, models, tmp_path):
+    run("base", "add", models.base, "--name", "sd15")
+    out = run("push", models.ft, "-s", "b", "--budget", "60kB", "--encoding", "mixed").stdout
+    assert "budget=60000 mixed" in out
+    assert run("push", models.ft, "-s", "m", "--max-error", "0.1").stdout.count("max-error=0.1 fp16") == 1
+    assert "exact fp16" in run("push", models.ft, "-s", "x", "--exact").stdout
+    out = run("checkout", "x", "-o", tmp_path / "x.safetensors", "--verify").stdout
+    assert "verified 58 tensors bit-identical to the push" in out
+    out = run("checkout", "m", "-o", tmp_path / "m.safetensors", "--verify").stdout
+    assert "stored lossy by design" in out
+    # Two rules at once: a usage error, exit 2, one line.
+    bad = run("push", models.ft, "--energy", "0.5", "--budget", "1MB", ok=False)
+    assert bad.exit_code == 2 and "give only one" in bad.output and len(bad.output.strip().splitlines()) == 1
+    out = run("sweep", models.ft, "--energy", "0.2,0.8", "--budget", "60kB", "--encoding", "fp16,mixed").stdout
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["rule", "encoding"] and len(lines) == 1 + 6 + 1
+    assert any(line.startswith("budget=60000") and "mixed" in line for line in lines)
+    rows = json.loads(run("sweep", models.ft, "--budget", "60kB", "--encoding", "int8", "--json").stdout)
+    assert rows[0]["rule"] == "budget=60000" and rows[0]["stored_bytes"] <= 60000
+    result = run("show", "b", "--report", tmp_path / "report")
+    assert "wrote" in result.output and (tmp_path / "report" / "types.png").exists()
+    assert "budget=60000" in run("show", "b").stdout
