@@ -61,8 +61,8 @@ def summarize(tensors: Iterable[TensorInfo], grouping: Callable[[TensorInfo], st
         out.append(
             GroupSummary(
                 group=name, n_tensors=len(ts), n_changed=len(changed),
-                rank=sum(t.rank or 0 for t in changed if t.kind == "lowrank"),
-                full_rank=sum(t.full_rank or 0 for t in changed if t.kind == "lowrank"),
+                rank=sum(t.rank or 0 for t in changed if t.kind in ("lowrank", "dropped")),
+                full_rank=sum(t.full_rank or 0 for t in changed if t.kind in ("lowrank", "dropped")),
                 kept_params=sum(t.kept_params for t in ts), stored_bytes=sum(t.stored_bytes for t in ts),
                 max_error=max(errors, default=0.0), mean_error=sum(errors) / len(errors) if errors else 0.0,
             )
