@@ -53,7 +53,7 @@ class Row:
         if self.mode == "paper":
             return ""
         same = self.func_error <= self.paper_error * 1.01  # within 1%: rounding noise of the encodings
-        return "met" if same and self.bytes_ratio <= TARGET else ("same error" if same else "worse error")
+        return "met" if same and self.bytes_ratio <= TARGET else ("error no worse" if same else "worse error")
 
 
 class Subject:
