@@ -22,10 +22,10 @@ from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, write_checkpoint
 from .config import BASE_ZSTD_LEVEL, DEFAULT_ENCODING, Settings
+from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, NonFiniteWeights, UsageError
 from .layers import layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
-from .encodings import ENCODINGS
 from .pipeline import Background, prefetch
 from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
