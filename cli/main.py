@@ -202,7 +202,7 @@ def sweep(obj: Context, path, base_name, energies, max_errors, budgets, encoding
         for r in rows
     ]
     click.echo(table(["rule", "encoding", "kept params", "stored <=", "ratio", "delta err", "max tensor err"], body, right={2, 3, 4, 5, 6}))
-    click.echo("delta err: relative Frobenius error of all changed matrices together, from the spectra (quantization adds a little)")
+    click.echo("delta err: relative Frobenius error of all changed matrices together: truncation from the spectra, plus the encoding's expected rounding noise")
 
 
 def _items(text: str) -> list[str]:
