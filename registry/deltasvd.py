@@ -113,10 +113,6 @@ class Spectrum:
     def _s32(self) -> torch.Tensor:
         return self.s.float()
 
-    def truncation_error(self, t: int) -> float:
-        """‖ΔW − A_tB_t‖_F / ‖ΔW‖_F from the spectrum alone."""
-        return float(truncation_errors(self.s)[t])
-
 
 def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:
     """Entry t is the relative Frobenius error of keeping the top t: sqrt(Σ_{i>t} σᵢ² / Σ σᵢ²)."""

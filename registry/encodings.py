@@ -55,15 +55,6 @@ def leading_directions(singular_values: torch.Tensor, rank: int, encoding: str) 
     return rank - int((tail <= allowed).sum())
 
 
-def direction_bytes(out: int, inner: int, encoding: str, wide: bool = True) -> float:
-    """Payload bytes one kept direction costs: its column of A and row of B, plus scales."""
-    if encoding in FLOAT_ENCODINGS:
-        return (out + inner) * FLOAT_ENCODINGS[encoding].itemsize
-    if wide or encoding == "int8":
-        return out + inner + 8
-    return (out + inner) / 2 + 8 + 1  # nibbles, two scales, and up to a byte of padding per row
-
-
 def encode_factors(
     a: torch.Tensor, b: torch.Tensor, singular_values: torch.Tensor, encoding: str, wide: int | None = None
 ) -> dict[str, torch.Tensor]:
