@@ -25,6 +25,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# The integer dtype of each item size: bit-level views of float tensors (exact deltas, bit equality).
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:

@@ -27,9 +27,6 @@ from .ranking import Allocation, RankRule, blob_bound_of, dense_bound, rank_for
 LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
 KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped"}
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 @dataclass(frozen=True)
 class Stored:
     """One tensor, ready to record: its kind, and the blob (encoded) when it needs one."""
@@ -190,7 +187,7 @@ def _xor(ft: torch.Tensor, bt_same: torch.Tensor) -> _Candidate:
 
 
 def _as_int(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
+    return t.contiguous().view(codec.INT_OF_SIZE[t.element_size()])
 
 
 def _stored(c: _Candidate, full_rank: int | None = None) -> Stored:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import deltasvd, encodings
+from . import codec, deltasvd, encodings
 from .config import DEFAULT_ENERGY, parse_size
 from .errors import UsageError
 from .records import numel
@@ -242,7 +242,7 @@ def estimate(layers: list[LayerSpectrum], fixed: list[FixedTensor], rule: RankRu
     if rule.mode == "exact":
         raise UsageError("exact pushes cannot be estimated from spectra; push with --exact to see their size")
     dense_dtype = encodings.dense_dtype(encoding)
-    fixed_bytes = sum(dense_bound((f.numel,), dense_dtype if f.itemsize is None else _INT_OF_SIZE[f.itemsize]) for f in fixed)
+    fixed_bytes = sum(dense_bound((f.numel,), dense_dtype if f.itemsize is None else codec.INT_OF_SIZE[f.itemsize]) for f in fixed)
     params = sum(f.numel for f in fixed)
     if rule.mode == "budget":
         plan = allocate(layers, max(0, int(rule.value) - fixed_bytes), encoding)
@@ -273,5 +273,3 @@ def estimate(layers: list[LayerSpectrum], fixed: list[FixedTensor], rule: RankRu
     overall = (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0
     return params, total + fixed_bytes, overall, worst
 
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
