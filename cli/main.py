@@ -178,6 +178,35 @@ def checkout(obj: Context, ref, output, fmt, device, verify):
         click.echo(f"verified {result.verified} tensors bit-identical to the push{lossy}")
 
 
+@cli.command("export-lora")
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="LoRA file to write (default: SUBJECT-REV-lora.safetensors).")
+@click.option("--format", "fmt", type=click.Choice(["kohya", "peft"]), default="kohya", show_default=True,
+              help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys.")
+@click.option("--with-dense", is_flag=True, help="Also carry dense and sparse 2-D deltas as full-rank modules (and, in peft, bias deltas).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
+    """Write SUBJECT[@REV]'s stored factors as a LoRA file, without rebuilding the checkpoint."""
+    bars = obj.bars()
+    result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, progress=bars)
+    bars.close()
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(
+            f"{result.ref} -> {result.path}  {result.format} LoRA  {result.n_modules} modules  rank <= {result.max_rank}  "
+            f"{result.n_params / 1e6:.3g}M params  {size(result.nbytes)}"
+        )
+    if result.left_out:
+        click.echo(
+            f"left out {len(result.left_out)} changed tensors that a LoRA cannot carry (also listed in the file's "
+            f"dsreg.left_out metadata): {', '.join(result.left_out)}",
+            err=True,
+        )
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--base", "-b", "base_name", help="Base to diff against (default: detected).")

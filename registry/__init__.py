@@ -18,7 +18,7 @@ from .errors import (
     UsageError,
 )
 from .records import (
-    BaseInfo, CheckoutResult, GcReport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
+    BaseInfo, CheckoutResult, GcReport, LoraExport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
     SweepRow, VerifyReport,
 )
 from .ranking import RankRule
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Registry", "RankRule", "SweepRow",
-    "BaseInfo", "CheckoutResult", "GcReport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
+    "BaseInfo", "CheckoutResult", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
     "IntegrityError", "StoreError",

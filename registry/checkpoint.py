@@ -18,9 +18,10 @@ import tempfile
 import threading
 import warnings
 import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from itertools import groupby
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -29,9 +30,12 @@ from .errors import CheckpointError, UnsafeCheckpoint
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "pickle", "diffusers")
+FORMATS = ("safetensors", "pickle", "diffusers", "pipeline")
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
+PIPELINE_INDEX = "model_index.json"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".gguf"}
+PIPELINE_FILE_LIMIT = 64 << 20
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
     "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -67,13 +71,15 @@ class Layout:
     shards: dict[str, str] | None = None  # diffusers: key -> weight file name, for sharded weights
     weights_name: str | None = None  # diffusers: the single weights file name
     files: dict[str, str] = field(default_factory=dict)  # diffusers: config.json and other small text files
+    components: dict[str, dict] | None = None  # pipeline: component folder -> its diffusers layout (weights_name, shards, metadata)
+    file_keys: list[str] | None = None  # pipeline: keys that are files (uint8), not weights
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
 
     @classmethod
     def from_json(cls, data: dict) -> "Layout":
-        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files") if k in data}
+        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files", "components", "file_keys") if k in data}
         return cls(**known)
 
 
@@ -340,20 +346,91 @@ def _open_pickle(path: Path) -> Checkpoint:
 
 
 def _open_diffusers(path: Path) -> Checkpoint:
+    if (path / PIPELINE_INDEX).is_file():
+        return _open_pipeline(path)
     files = {p.name: p.read_text() for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".txt") and p.stat().st_size < 1_000_000 and not p.name.endswith(".index.json")}
+    found = _model_weights(path)
+    if found is None:
+        raise CheckpointError(f"{path}: a folder, but no diffusers weights in it (diffusion_pytorch_model.safetensors or .bin)")
+    inner, _ = found
+    return Checkpoint(path, inner.specs, replace(inner.layout, files=files), inner.get, inner.close)
+
+
+def _model_weights(path: Path) -> tuple[Checkpoint, set[str]] | None:
+    """A diffusers model folder's weights (single file or shards, safetensors before .bin), and the
+    names of the files they came from; None if the folder holds none."""
     for stem in DIFFUSERS_WEIGHTS:
         for suffix in (".safetensors", ".bin"):
             index = path / f"{stem}{suffix}.index.json"
             single = path / f"{stem}{suffix}"
             if index.exists():
-                return _open_sharded(path, index, files)
+                ckpt = _open_sharded(path, index)
+                return ckpt, {index.name, *ckpt.layout.shards.values()}
             if single.exists():
                 inner = open_checkpoint(single)
-                return Checkpoint(path, inner.specs, Layout("diffusers", weights_name=single.name, files=files, metadata=inner.layout.metadata), inner.get, inner.close)
-    raise CheckpointError(f"{path}: a folder, but no diffusers weights in it (diffusion_pytorch_model.safetensors or .bin)")
+                layout = Layout("diffusers", weights_name=single.name, metadata=inner.layout.metadata)
+                return Checkpoint(path, inner.specs, layout, inner.get, inner.close), {single.name}
+    return None
 
 
-def _open_sharded(path: Path, index: Path, files: dict[str, str]) -> Checkpoint:
+def _open_pipeline(path: Path) -> Checkpoint:
+    """A diffusers pipeline folder (``model_index.json``): one checkpoint of every component.
+
+    Weights are keyed ``component/key`` (``unet/conv_in.weight``). Every other file (model_index,
+    configs, tokenizer, scheduler) is a uint8 tensor keyed by its relative path, so it is stored,
+    deduplicated and verified like any tensor: a tokenizer the fine-tune did not change costs nothing.
+    Alternative copies of weights (``.bin`` beside ``.safetensors``, fp16 variants) are left out.
+    """
+    components: dict[str, dict] = {}
+    parts: list[Checkpoint] = []
+    specs: list[TensorSpec] = []
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    used: set[Path] = set()
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = _model_weights(folder)
+        if found is None:
+            continue
+        ckpt, names = found
+        parts.append(ckpt)
+        used.update(folder / n for n in names)
+        components[folder.name] = {k: v for k, v in ckpt.layout.to_json().items() if k != "format"}
+        for spec in ckpt.specs:
+            key = f"{folder.name}/{spec.key}"
+            specs.append(TensorSpec(key, spec.dtype, spec.shape))
+            getters[key] = lambda get=ckpt.get, inner=spec.key: get(inner)
+    file_keys: list[str] = []
+    skipped: list[str] = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p not in used):
+        key = file.relative_to(path).as_posix()
+        if file.suffix in WEIGHT_SUFFIXES:
+            skipped.append(key)
+            continue
+        if file.stat().st_size > PIPELINE_FILE_LIMIT:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, too large for a pipeline's config or tokenizer file")
+        if key in getters:
+            raise CheckpointError(f"{path}: file {key!r} has the same name as a tensor")
+        file_keys.append(key)
+        specs.append(TensorSpec(key, "uint8", (file.stat().st_size,)))
+        getters[key] = lambda file=file: _file_tensor(file)
+    if not components:
+        raise CheckpointError(f"{path}: a diffusers pipeline (model_index.json), but no component folder holds weights")
+    if skipped:
+        log.warning("%s: leaving out %d other weight files (alternative formats or variants): %s", path, len(skipped), ", ".join(skipped[:5]))
+
+    def close() -> None:
+        for ckpt in parts:
+            ckpt.close()
+
+    layout = Layout("pipeline", components=components, file_keys=file_keys)
+    return Checkpoint(path, specs, layout, lambda key: getters[key](), close)
+
+
+def _file_tensor(file: Path) -> torch.Tensor:
+    data = file.read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _open_sharded(path: Path, index: Path) -> Checkpoint:
     try:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError):
@@ -378,7 +455,7 @@ def _open_sharded(path: Path, index: Path, files: dict[str, str]) -> Checkpoint:
         for shard in shards.values():
             shard.close()
 
-    layout = Layout("diffusers", shards=owner, weights_name=index.name.removesuffix(".index.json"), files=files)
+    layout = Layout("diffusers", shards=owner, weights_name=index.name.removesuffix(".index.json"))
     return Checkpoint(path, specs, layout, lambda key: shards[owner[key]].get(key), close)
 
 
@@ -458,6 +535,8 @@ def write_checkpoint(path: Path, layout: Layout, specs: list[TensorSpec], tensor
         write_pickle(path, specs, tensors, layout.wrapper)
     elif layout.format == "diffusers":
         _write_diffusers(path, layout, specs, tensors)
+    elif layout.format == "pipeline":
+        _write_pipeline(path, layout, specs, tensors)
     else:
         raise ValueError(f"unknown format {layout.format!r}")
 
@@ -479,6 +558,40 @@ def _write_diffusers(path: Path, layout: Layout, specs: list[TensorSpec], tensor
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {s.key: layout.shards[s.key] for s in specs}}
     (path / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_pipeline(path: Path, layout: Layout, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """Each component's weights into its folder, each file to its relative path, in one pass over ``tensors``."""
+    files = set(layout.file_keys or ())
+    components = layout.components or {}
+    stream = iter(tensors)
+    path.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
+    for owner, run in groupby(specs, key=lambda s: None if s.key in files else s.key.split("/", 1)[0]):
+        run = list(run)
+        if owner is None:
+            for spec in run:
+                _write_file(path, spec.key, next(stream))
+            continue
+        if owner in written or owner not in components:
+            raise ValueError(f"pipeline component {owner!r} is unknown or its tensors are not contiguous")
+        written.add(owner)
+        inner = [TensorSpec(s.key.split("/", 1)[1], s.dtype, s.shape) for s in run]
+        _write_diffusers(_inside(path, owner), Layout("diffusers", **components[owner]), inner, (next(stream) for _ in run))
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing names that would climb out of ``root`` (the catalog is input too)."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts) or "\\" in relative:
+        raise ValueError(f"refusing to write {relative!r}: not a plain relative path")
+    return root.joinpath(*rel.parts)
+
+
+def _write_file(root: Path, key: str, tensor: torch.Tensor) -> None:
+    target = _inside(root, key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_bytes_of(tensor))
 
 
 def _write_weights(path: Path, specs, tensors, metadata) -> None:

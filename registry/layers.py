@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 from .records import GroupSummary, TensorInfo
 
-_PREFIXES = ("model.diffusion_model.", "unet.", "base_model.model.")
+_PREFIXES = ("model.diffusion_model.", "unet.", "base_model.model.", "text_model.encoder.", "text_model.")
 # Markers of each type; the innermost part of a key that has one decides (an ``ff`` inside an
 # ``attentions`` block is feed-forward), and at equal depth the first type listed wins. Markers of
 # four or more letters match anywhere in a part, shorter ones the whole part or its prefix.
@@ -32,7 +32,27 @@ def _strip(key: str) -> str:
     return key
 
 
+def key_layout(keys) -> str:
+    """Which naming convention a checkpoint's keys follow, in words for error messages."""
+    keys = list(keys)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "an LDM single-file checkpoint (model.diffusion_model.*)"
+    components = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+    if any(k.startswith("unet/") for k in keys):
+        return f"a diffusers pipeline ({', '.join(c + '/' for c in components[:4])})"
+    if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
+        return "a diffusers UNet (down_blocks.*)"
+    if any(k.startswith("text_model.") for k in keys):
+        return "a text encoder (text_model.*)"
+    if any(k.startswith(("encoder.down_blocks.", "decoder.")) for k in keys):
+        return "a diffusers VAE"
+    return "in an unrecognised layout"
+
+
 def layer_group(key: str) -> str:
+    if "/" in key:  # a pipeline's component/key
+        component, inner = key.split("/", 1)
+        return f"{component}/{layer_group(inner)}"
     parts = _strip(key).split(".")
     # down_blocks.0, up_blocks.3, input_blocks.7 (LDM), layers.11: numbered stages are groups of their own.
     if len(parts) > 2 and parts[1].isdigit() and parts[0].endswith(("blocks", "layers")):
@@ -42,6 +62,7 @@ def layer_group(key: str) -> str:
 
 def layer_type(key: str, shape: tuple[int, ...] = ()) -> str:
     """attention, feed-forward, conv, norm, embedding or other, from the names in the key (and its shape)."""
+    key = key.split("/", 1)[-1]
     parts = [p.lower() for p in _strip(key).split(".")[:-1]]  # the last part is weight / bias
     for part in reversed(parts):
         for name, markers in _TYPES:

@@ -152,6 +152,20 @@ class CheckoutResult:
 
 
 @dataclass(frozen=True)
+class LoraExport:
+    """A revision written as a LoRA file; ``left_out`` are the changed tensors no LoRA module carries."""
+
+    ref: str
+    path: Path
+    format: str
+    n_modules: int
+    max_rank: int
+    n_params: int
+    nbytes: int
+    left_out: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PolicyInfo:
     """A retention rule applied by gc to the subjects matching ``pattern`` (``*`` wildcards).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -14,9 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
+import safetensors.torch
 import torch
 
-from . import codec, deltas, deltasvd, gc
+from . import codec, deltas, deltasvd, encodings, gc, lora
 from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
@@ -24,12 +26,12 @@ from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec
 from .config import BASE_ZSTD_LEVEL, DEFAULT_ENCODING, Settings
 from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, NonFiniteWeights, UsageError
-from .layers import layer_group, layer_type, summarize
+from .layers import key_layout, layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
 from .pipeline import Background, prefetch
 from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
-    BaseInfo, CheckoutResult, GcReport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
+    BaseInfo, CheckoutResult, GcReport, LoraExport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class _Scanned:
     digests: dict[str, str]
     nbytes: int
     source_digest: str
+    file_keys: frozenset[str] = frozenset()  # a pipeline's files: they may differ from the base's in size, or be new
 
     def spec(self, key: str) -> TensorSpec:
         return next(s for s in self.specs if s.key == key)
@@ -206,11 +209,11 @@ class Registry:
                 raise NonFiniteWeights(f"{ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
             digests[spec.key] = codec.tensor_digest(tensor)
             progress("read", i + 1, len(ckpt.specs))
-        return _Scanned(ckpt.specs, digests, ckpt.nbytes, ckpt.file_digest())
+        return _Scanned(ckpt.specs, digests, ckpt.nbytes, ckpt.file_digest(), frozenset(ckpt.layout.file_keys or ()))
 
     def _fitting_base(self, name: str, scanned: _Scanned) -> dict[str, BaseTensor]:
         tensors = {t.key: t for t in self.catalog.base_tensors(name)}
-        problem = _mismatch(scanned.specs, tensors)
+        problem = _mismatch(scanned, tensors)
         if problem:
             raise BaseMismatch(f"checkpoint does not fit base {name!r}: {problem}")
         return tensors
@@ -223,7 +226,7 @@ class Registry:
         reasons = []
         for b in bases:
             tensors = {t.key: t for t in self.catalog.base_tensors(b.name)}
-            problem = _mismatch(scanned.specs, tensors)
+            problem = _mismatch(scanned, tensors)
             if problem:
                 reasons.append(f"{b.name} ({problem})")
             else:
@@ -232,7 +235,7 @@ class Registry:
             raise BaseMismatch("no registered base fits this checkpoint: " + "; ".join(reasons[:5]))
         if len(fitting) == 1:
             return next(iter(fitting))
-        identical = {n: sum(scanned.digests[k] == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
+        identical = {n: sum(scanned.digests.get(k) == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
         ranked = sorted(fitting, key=lambda n: identical[n], reverse=True)
         if identical[ranked[0]] > identical[ranked[1]]:
             return ranked[0]
@@ -259,11 +262,11 @@ class Registry:
 
     def _compress(self, ckpt, scanned, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
         specs = scanned.specs
-        changed = [s for s in specs if scanned.digests[s.key] != base[s.key].tensor_digest]
+        changed = _changed(scanned, base)
         done: dict[str, deltas.Stored] = {s.key: deltas.Stored("base") for s in specs if s not in changed}
 
         def load(spec: TensorSpec):
-            return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key])
+            return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key]) if spec.key in base else None
 
         if rule.mode == "budget":
             done.update(self._compress_to_budget(load, changed, rule, encoding, method, device, progress))
@@ -359,17 +362,17 @@ class Registry:
         with open_checkpoint(path) as ckpt:
             scanned = self._scan(ckpt, progress)
             base_tensors = self._fitting_base(base or self._detect_base(ckpt, scanned), scanned)
-            changed = [s for s in scanned.specs if scanned.digests[s.key] != base_tensors[s.key].tensor_digest]
+            changed = _changed(scanned, base_tensors)
             layers, fixed = [], []
 
             def load(spec: TensorSpec):
-                return spec, ckpt.get(spec.key), self._base_tensor(base_tensors[spec.key])
+                return spec, ckpt.get(spec.key), self._base_tensor(base_tensors[spec.key]) if spec.key in base_tensors else None
 
             for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
                 s = deltas.survey(ft, bt, method)
                 if s is not None:
                     layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s))
-                elif not deltas.same_bits(bt.to(ft.dtype), ft):
+                elif bt is None or not deltas.same_bits(bt.to(ft.dtype), ft):
                     fixed.append(FixedTensor(spec.key, ft.numel(), None if ft.is_floating_point() else ft.element_size()))
                 progress("survey", i + 1, len(changed))
         rows = []
@@ -427,6 +430,82 @@ class Registry:
         for i, (entry, bt, stored) in enumerate(prefetch(load, entries, window=4, workers=4)):
             yield deltas.rebuild(entry.kind, codec.dtype_of(entry.dtype), entry.shape, bt, stored, device)
             progress("checkout", i + 1, len(entries))
+
+    # ------------------------------------------------------------ LoRA export
+
+    def export_lora(
+        self,
+        ref: str | Ref,
+        output: str | os.PathLike | None = None,
+        *,
+        format: str = "kohya",
+        with_dense: bool = False,
+        dtype: str = "fp16",
+        progress: Progress | None = None,
+    ) -> LoraExport:
+        """Write a revision's stored factors as a LoRA file (no full checkpoint is rebuilt).
+
+        Each low-rank entry becomes a LoRA module of its stored rank with scale 1. Changes that a
+        LoRA cannot carry are returned in ``left_out`` and listed in the file's metadata; with
+        ``with_dense`` 2-D dense and sparse deltas go in as exact full-rank modules, and in peft
+        format bias deltas as ``lora_B.bias``.
+        """
+        ref = _as_ref(ref)
+        progress = progress or _quiet
+        info = self.catalog.revision(ref)
+        entries = self.catalog.entries(Ref(info.subject, info.number))
+        lora.check_format(format, [e.key for e in entries])
+        base = {t.key: t for t in self.catalog.base_tensors(info.base)}
+        out = lora.LoraFile(format, dtype)
+        targets = {e.key: t for e in entries if (t := lora.target(e.key, e.shape)) is not None}
+        changed = [e for e in entries if e.kind not in ("base", "dropped")]
+        left_out: list[str] = []
+        biases: list[tuple[StoredEntry, lora.Target]] = []
+
+        def load(entry: StoredEntry):
+            stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
+            return entry, stored
+
+        for i, (entry, stored) in enumerate(prefetch(load, changed, window=4, workers=4)):
+            t = targets.get(entry.key)
+            bias = lora.bias_target(entry.key, targets) if with_dense else None
+            if t is not None and entry.kind == "lowrank":
+                out.add(t, *lora.factors_pair(*encodings.decode_factors(stored), entry.shape))
+            elif t is not None and with_dense and entry.kind == "sparse":
+                base_rows = self._base_tensor(base[entry.key]).reshape(entry.shape[0], -1)[stored["rows"]].float()
+                out.add(t, *lora.rows_pair(stored["rows"], stored["values"].float() - base_rows, entry.shape))
+            elif t is not None and with_dense and entry.kind in ("dense", "exact"):
+                out.add(t, *lora.full_rank_pair(self._entry_delta(entry, base, stored), entry.shape))
+            elif bias is not None and entry.kind in ("dense", "exact", "sparse"):
+                biases.append((entry, bias))  # after the weights: a bias rides on its layer's module
+            else:
+                left_out.append(entry.key)
+            progress("export", i + 1, len(changed))
+        for entry, bias in biases:
+            stored = load(entry)[1]
+            if not out.add_bias(bias, self._entry_delta(entry, base, stored)):
+                left_out.append(entry.key)
+        if not out.ranks:
+            raise UsageError(f"{info.ref} has no change that a LoRA can carry (no low-rank layers); check it out instead")
+        metadata = {
+            "dsreg.subject": info.ref, "dsreg.base": info.base, "dsreg.rank_rule": info.rank_rule,
+            "dsreg.left_out": json.dumps(left_out),
+        }
+        tensors, metadata = out.finish(metadata)
+        output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}-lora.safetensors")
+        _write_atomically(output, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+        return LoraExport(
+            info.ref, output, format, len(out.ranks), max(out.ranks.values()), sum(t.numel() for t in tensors.values()),
+            output.stat().st_size, tuple(left_out),
+        )
+
+    def _entry_delta(self, entry: StoredEntry, base: dict[str, BaseTensor], stored: dict | None) -> torch.Tensor:
+        """An entry's change in fp32: what checkout adds to the base tensor."""
+        bt = self._base_tensor(base[entry.key])
+        if entry.kind == "dense":
+            return stored["delta"].float().reshape(entry.shape)
+        rebuilt = deltas.rebuild(entry.kind, codec.dtype_of(entry.dtype), entry.shape, bt, stored, torch.device("cpu"))
+        return rebuilt.float() - bt.float()
 
     # ------------------------------------------------------------ queries
 
@@ -524,18 +603,33 @@ def _manifest_digest(scanned: _Scanned) -> str:
     return h.hexdigest()
 
 
-def _mismatch(specs: list[TensorSpec], base: dict[str, BaseTensor]) -> str | None:
-    keys = {s.key for s in specs}
-    missing = sorted(set(base) - keys)
-    extra = sorted(keys - set(base))
+def _is_file_key(key: str, t: BaseTensor) -> bool:
+    """A pipeline file in a base (stored as 1-D uint8): a fine-tune may lack it."""
+    return t.dtype == "uint8" and len(t.shape) == 1 and "/" in key
+
+
+def _changed(scanned: _Scanned, base: dict[str, BaseTensor]) -> list[TensorSpec]:
+    return [s for s in scanned.specs if s.key not in base or scanned.digests[s.key] != base[s.key].tensor_digest]
+
+
+def _mismatch(scanned: _Scanned, base: dict[str, BaseTensor]) -> str | None:
+    """Why a checkpoint does not fit a base, or None. A pipeline's files need not match: they are stored whole."""
+    keys = {s.key for s in scanned.specs}
+    missing = sorted(k for k in set(base) - keys if not _is_file_key(k, base[k]))
+    extra = sorted(keys - set(base) - scanned.file_keys)
     if missing or extra:
         parts = []
         if extra:
             parts.append(f"{len(extra)} keys not in the base, e.g. {extra[0]!r}")
         if missing:
             parts.append(f"{len(missing)} base keys missing, e.g. {missing[0]!r}")
+        theirs, ours = key_layout(keys), key_layout(base)
+        if theirs != ours:
+            parts.append(f"the checkpoint is {theirs}, the base {ours}")
         return ", ".join(parts)
-    for s in specs:
+    for s in scanned.specs:
+        if s.key in scanned.file_keys or s.key not in base:
+            continue
         if s.shape != base[s.key].shape:
             return f"tensor {s.key!r} has shape {list(s.shape)}, the base has {list(base[s.key].shape)}"
     return None
@@ -570,10 +664,14 @@ _FORMAT_ALIASES = {"safetensors": "safetensors", "ckpt": "pickle", "pickle": "pi
 
 
 def _default_suffix(layout: Layout) -> str:
-    return {"safetensors": ".safetensors", "pickle": ".ckpt", "diffusers": ""}[layout.format]
+    return {"safetensors": ".safetensors", "pickle": ".ckpt", "diffusers": "", "pipeline": ""}[layout.format]
 
 
 def _output_layout(pushed: Layout, output: Path, fmt: str | None) -> Layout:
+    if pushed.format == "pipeline":
+        if fmt not in (None, "diffusers") or output.suffix.lower() == ".safetensors" or output.suffix.lower() in PICKLE_SUFFIXES:
+            raise UsageError("a diffusers pipeline checks out as a folder: give -o a folder name, without --format safetensors or ckpt")
+        return pushed
     if fmt is not None:
         if fmt not in _FORMAT_ALIASES:
             raise UsageError(f"unknown format {fmt!r}; use safetensors, ckpt or diffusers")

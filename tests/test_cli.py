@@ -140,3 +140,22 @@ def test_rank_rules_encodings_verify_sweep_and_report(run, models, tmp_path):
     result = run("show", "b", "--report", tmp_path / "report")
     assert "wrote" in result.output and (tmp_path / "report" / "types.png").exists()
     assert "budget=60000" in run("show", "b").stdout
+
+
+def test_export_lora(run, models, tmp_path):
+    run("base", "add", models.base, "--name", "tiny")
+    run("push", models.ft, "-s", "dog")
+    result = run("export-lora", "dog", "-o", tmp_path / "dog.safetensors")
+    assert "kohya LoRA" in result.stdout and (tmp_path / "dog.safetensors").exists()
+    # The demo fine-tune changed norms and biases too: named on stderr, and in the file.
+    assert result.stderr.startswith("left out ") and "down.norm1.weight" in result.stderr
+    lora = load_file(tmp_path / "dog.safetensors")
+    assert "lora_unet_down_conv1.lora_down.weight" in lora and "lora_unet_down_conv1.lora_up.weight" in lora
+    info = json.loads(run("export-lora", "dog@1", "-o", tmp_path / "peft.safetensors", "--format", "peft", "--with-dense", "--json").stdout)
+    assert info["format"] == "peft" and info["n_modules"] > 0 and len(info["left_out"]) < result.stderr.count(",") + 1
+    assert "unet.down.conv1.lora_B.bias" in load_file(tmp_path / "peft.safetensors")
+    # Errors: one line, an exit code, and no file.
+    run("push", models.ft, "-s", "exact", "--exact")
+    bad = run("export-lora", "exact", "-o", tmp_path / "x.safetensors", ok=False)
+    assert bad.exit_code == 2 and "no change that a LoRA can carry" in bad.output and not (tmp_path / "x.safetensors").exists()
+    assert run("export-lora", "nobody", ok=False).exit_code == 3

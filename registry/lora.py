@@ -1,0 +1,187 @@
+"""Stored deltas as LoRA files: Delta-SVD's A·B is a LoRA of per-layer rank.
+
+Two key conventions, both with the scale exactly 1:
+
+- ``kohya``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight``. kohya's scripts,
+  AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read it. There are no ``.alpha``
+  entries, which by kohya's convention means alpha = rank, scale 1. Explicit per-module alphas
+  would say the same, but diffusers maps alphas of attention layers to no module and applies them
+  at the most common alpha over the module's own rank.
+  Text-encoder modules are ``lora_te_...``. LDM (single-file) checkpoints keep their CompVis module
+  names, which A1111 and ComfyUI map.
+- ``peft``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, diffusers' own format, with a
+  ``lora_adapter_metadata`` entry that gives every module ``lora_alpha = r``. Needs diffusers key
+  names (a diffusers folder or pipeline).
+
+Conv layers become conv LoRA: down has the layer's kh x kw kernel, up is 1x1. Changes that no LoRA
+carries (norm scales, biases, embedding tables, integer tensors) are listed as left out; with
+``with_dense``, full-rank pieces carry dense and sparse 2-D deltas exactly, and in ``peft`` a
+layer's bias delta rides on its ``lora_B.bias``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+FORMATS = ("kohya", "peft")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Where a checkpoint's keys put each model: (key prefix, kohya prefix, peft prefix). A diffusers
+# pipeline names components by folder ("unet/..."); an LDM single file by its CompVis prefixes.
+# The empty prefix (a bare diffusers UNet folder) must stay last.
+_COMPONENTS = (
+    ("unet/", "lora_unet_", "unet."),
+    ("text_encoder/", "lora_te_", "text_encoder."),
+    ("text_encoder_2/", "lora_te2_", "text_encoder_2."),
+    ("model.diffusion_model.", "lora_unet_", None),
+    ("cond_stage_model.transformer.", "lora_te_", None),
+    ("", "lora_unet_", "unet."),
+)
+# Prefixes of models that LoRA conventions have no names for: the VAE, and the rest of a pipeline.
+_NO_LORA = ("first_stage_model.", "cond_stage_model.", "model_ema.", "vae/", "tokenizer/", "scheduler/")
+_EMBEDDING = re.compile(r"(embedding|embeddings|embed_tokens|wte|wpe)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one base-model module goes in a LoRA file."""
+
+    module: str  # the module's path inside its model, e.g. down_blocks.0.attentions.0.proj_in
+    kohya: str  # lora_unet_down_blocks_0_attentions_0_proj_in
+    peft: str | None  # unet.down_blocks.0.attentions.0.proj_in; None where the keys are not diffusers'
+
+    def name(self, fmt: str) -> str:
+        return self.kohya if fmt == "kohya" else self.peft
+
+
+def target(key: str, shape: tuple[int, ...]) -> Target | None:
+    """The LoRA module a weight key belongs to, or None when no LoRA can carry a change to it."""
+    if not key.endswith(".weight") or len(shape) not in (2, 4) or key.startswith(_NO_LORA):
+        return None
+    for prefix, kohya, peft in _COMPONENTS:
+        if key.startswith(prefix):
+            module = key[len(prefix) : -len(".weight")]
+            if "/" in module or _EMBEDDING.search(module.rsplit(".", 1)[-1]):
+                return None  # another pipeline component, or an nn.Embedding (no conv/linear LoRA)
+            return Target(module, kohya + module.replace(".", "_"), peft and peft + module)
+    return None
+
+
+def bias_target(key: str, weights: dict[str, Target]) -> Target | None:
+    """A bias belongs to the LoRA module of its layer's weight, if that weight has one."""
+    if not key.endswith(".bias"):
+        return None
+    return weights.get(key[: -len(".bias")] + ".weight")
+
+
+def check_format(fmt: str, keys: list[str]) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown LoRA format {fmt!r}; use kohya or peft")
+    if fmt == "peft" and any(k.startswith("model.diffusion_model.") for k in keys):
+        raise UsageError(
+            "this subject is an LDM single-file checkpoint (model.diffusion_model.* keys); peft LoRA files need "
+            "diffusers module names: use --format kohya, which A1111 and ComfyUI map to these names"
+        )
+
+
+def factors_pair(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with up·down = a·b, each direction's scale split evenly between the two.
+
+    Stored factors are A = UΣ and B = Vᵀ; in fp16 a small σ in A alone can fall below the normal
+    range, so each column of A and row of B get √‖A_j‖ each.
+    """
+    norms = torch.linalg.vector_norm(a, dim=0)
+    split = torch.where(norms > 0, norms.sqrt(), torch.ones_like(norms))
+    up = a / split[None, :]
+    down = b * split[:, None]
+    return _shaped(down, up, shape)
+
+
+def full_rank_pair(delta: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) that carry a whole delta exactly: the delta on one side, an identity on the other."""
+    out = shape[0]
+    matrix = delta.reshape(out, -1).float()
+    inner = matrix.shape[1]
+    if len(shape) == 2 and inner < out:
+        return _shaped(torch.eye(inner), matrix, shape)
+    return _shaped(matrix, torch.eye(out), shape)
+
+
+def rows_pair(rows: torch.Tensor, row_deltas: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) for a delta that touches only ``rows``: up picks the rows, down holds their change."""
+    up = torch.zeros(shape[0], rows.numel())
+    up[rows, torch.arange(rows.numel())] = 1.0
+    return _shaped(row_deltas.reshape(rows.numel(), -1).float(), up, shape)
+
+
+def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    rank = down.shape[0]
+    if len(shape) == 4:  # conv LoRA: down keeps the kernel, up is a 1x1 conv
+        return down.reshape(rank, *shape[1:]).contiguous(), up.reshape(shape[0], rank, 1, 1).contiguous()
+    return down.contiguous(), up.contiguous()
+
+
+class LoraFile:
+    """The tensors and metadata of one LoRA file, added to module by module."""
+
+    def __init__(self, fmt: str, dtype: str):
+        if dtype not in DTYPES:
+            raise UsageError(f"unknown LoRA dtype {dtype!r}; use fp16, bf16 or fp32")
+        self.format = fmt
+        self.dtype = DTYPES[dtype]
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}  # target name -> rank
+        self.biases: dict[str, torch.Tensor] = {}  # peft target name -> bias delta
+
+    def add(self, t: Target, down: torch.Tensor, up: torch.Tensor) -> None:
+        name = t.name(self.format)
+        rank = down.shape[0]
+        self.ranks[name] = rank
+        if self.format == "kohya":
+            self.tensors[f"{name}.lora_down.weight"] = down.to(self.dtype)
+            self.tensors[f"{name}.lora_up.weight"] = up.to(self.dtype)
+        else:
+            self.tensors[f"{name}.lora_A.weight"] = down.to(self.dtype)
+            self.tensors[f"{name}.lora_B.weight"] = up.to(self.dtype)
+
+    def add_bias(self, t: Target, delta: torch.Tensor) -> bool:
+        """A bias delta on a module that has a LoRA; only peft's ``lora_B.bias`` carries one."""
+        if self.format != "peft" or t.peft not in self.ranks:
+            return False
+        self.biases[t.peft] = delta.float()
+        return True
+
+    def finish(self, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = dict(self.tensors)
+        meta = {"format": "pt", **metadata}
+        if self.format == "peft":
+            if self.biases:  # peft's lora_bias is all or nothing: the other modules get a zero bias
+                for name in self.ranks:
+                    up = tensors[f"{name}.lora_B.weight"]
+                    tensors[f"{name}.lora_B.bias"] = self.biases.get(name, torch.zeros(up.shape[0])).to(self.dtype)
+            meta["lora_adapter_metadata"] = json.dumps(self._adapter_config(), sort_keys=True)
+        return tensors, meta
+
+    def _adapter_config(self) -> dict:
+        """peft LoraConfig arguments per model prefix (diffusers reads them): alpha = rank everywhere."""
+        config: dict = {}
+        by_model: dict[str, dict[str, int]] = {}
+        for name, rank in self.ranks.items():
+            model, module = name.split(".", 1)
+            by_model.setdefault(model, {})[module] = rank
+        for model, ranks in by_model.items():
+            common = Counter(ranks.values()).most_common(1)[0][0]
+            pattern = {m: r for m, r in ranks.items() if r != common}
+            config.update({
+                f"{model}.r": common, f"{model}.lora_alpha": common, f"{model}.rank_pattern": pattern,
+                f"{model}.alpha_pattern": dict(pattern), f"{model}.target_modules": sorted(ranks),
+                f"{model}.lora_bias": bool(self.biases), f"{model}.lora_dropout": 0.0,
+            })
+        return config

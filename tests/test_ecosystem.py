@@ -1,0 +1,199 @@
+"""Fitting the ecosystem: LoRA export that diffusers loads, whole diffusers pipelines, LDM single files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from registry import BaseMismatch, Registry, UsageError
+
+from . import sd_tiny
+
+
+@dataclass(frozen=True)
+class Pipelines:
+    base: Path
+    ft: Path  # UNet and text encoder trained, matrices only (what a LoRA can carry)
+    ft_unet: Path  # only the UNet trained, every parameter (a full DreamBooth fine-tune)
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory) -> Pipelines:
+    d = tmp_path_factory.mktemp("pipelines")
+    # The same seed builds the same pipeline: the fine-tunes' configs and tokenizer files are the base's.
+    sd_tiny.tiny_pipeline(d / "tok").save_pretrained(d / "base")
+    ft = sd_tiny.tiny_pipeline(d / "tok")
+    sd_tiny.train(ft, text_encoder=True, matrices_only=True)
+    ft.save_pretrained(d / "ft")
+    ft_unet = sd_tiny.tiny_pipeline(d / "tok")
+    sd_tiny.train(ft_unet)
+    ft_unet.save_pretrained(d / "ft-unet")
+    return Pipelines(d / "base", d / "ft", d / "ft-unet")
+
+
+@pytest.fixture
+def local(tmp_path) -> Registry:
+    with Registry.open(home=tmp_path / "registry") as reg:
+        yield reg
+
+
+def _load(path: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_exported_lora_loaded_by_diffusers_matches_the_checkout(local, pipelines, tmp_path, fmt):
+    local.add_base(pipelines.base, "sd-tiny")
+    rev = local.push(pipelines.ft, "dog")
+    local.checkout("dog", tmp_path / "dog")
+    export = local.export_lora("dog", tmp_path / "dog.safetensors", format=fmt)
+    assert export.left_out == ()  # only matrices were trained: the LoRA carries every change
+
+    expected = sd_tiny.outputs(_load(tmp_path / "dog"))
+    untouched = sd_tiny.outputs(_load(pipelines.base))
+    pipe = _load(pipelines.base)
+    pipe.load_lora_weights(str(export.path))
+    got = sd_tiny.outputs(pipe)
+    for g, e, u in zip(got, expected, untouched):  # UNet and text encoder
+        assert _rel(u, e) > 0.01  # the fine-tune moved the output ...
+        assert _rel(g, e) < 2e-3  # ... and the LoRA moves it to the checkout's, within fp16 rounding
+
+    # Rank per layer as stored; conv layers as conv LoRA (down keeps the kernel, up is 1x1).
+    stored = {t.key: t.rank for t in local.show(rev.ref).tensors if t.kind == "lowrank"}
+    lora = load_file(export.path)
+    key = "unet/down_blocks.0.resnets.0.conv1.weight"
+    down, up = (
+        (lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"], lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"])
+        if fmt == "kohya" else
+        (lora["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"], lora["unet.down_blocks.0.resnets.0.conv1.lora_B.weight"])
+    )
+    assert down.shape == (stored[key], 32, 3, 3) and up.shape == (32, stored[key], 1, 1)
+    assert export.n_modules == len(stored) and export.max_rank == max(stored.values())
+    assert not any(k.endswith(".alpha") for k in lora)  # kohya: no alpha means alpha = rank, scale 1
+    if fmt == "peft":
+        with safe_open(export.path, "pt") as f:
+            config = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert config["unet.lora_alpha"] == config["unet.r"] and config["unet.alpha_pattern"] == config["unet.rank_pattern"]
+
+
+def test_full_finetune_lora_lists_what_it_cannot_carry(local, pipelines, tmp_path):
+    local.add_base(pipelines.base, "sd-tiny")
+    local.push(pipelines.ft_unet, "dog")
+    plain = local.export_lora("dog", tmp_path / "plain.safetensors")
+    # Norm scales and biases changed too: 1-D, no LoRA module carries them; they are listed.
+    assert plain.left_out and all(k.startswith("unet/") for k in plain.left_out)
+    assert any(k.endswith("norm1.weight") for k in plain.left_out) and any(k.endswith(".bias") for k in plain.left_out)
+    with safe_open(plain.path, "pt") as f:
+        assert json.loads(f.metadata()["dsreg.left_out"]) == list(plain.left_out)
+    # peft with --with-dense: bias deltas ride on lora_B.bias; only norm scales/shifts stay out.
+    dense = local.export_lora("dog", tmp_path / "dense.safetensors", format="peft", with_dense=True)
+    assert set(dense.left_out) < set(plain.left_out)
+    assert all("norm" in k for k in dense.left_out)
+    lora = load_file(dense.path)
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_B.bias" in lora
+    delta = load_file(pipelines.ft_unet / "unet/diffusion_pytorch_model.safetensors")["down_blocks.0.resnets.0.conv1.bias"] - \
+        load_file(pipelines.base / "unet/diffusion_pytorch_model.safetensors")["down_blocks.0.resnets.0.conv1.bias"]
+    assert _rel(lora["unet.down_blocks.0.resnets.0.conv1.lora_B.bias"].float(), delta) < 2e-3
+
+    pipe = _load(pipelines.base)
+    pipe.load_lora_weights(str(dense.path))  # diffusers accepts the lora_B biases
+    local.checkout("dog", tmp_path / "dog")
+    expected, _ = sd_tiny.outputs(_load(tmp_path / "dog"))
+    plain_pipe = _load(pipelines.base)
+    plain_pipe.load_lora_weights(str(plain.path))
+    # Carrying the biases brings the output closer to the checkout's than leaving them out.
+    assert _rel(sd_tiny.outputs(pipe)[0], expected) < _rel(sd_tiny.outputs(plain_pipe)[0], expected)
+
+
+def test_pipeline_folder_costs_only_the_unet_delta_and_loads_with_from_pretrained(local, pipelines, tmp_path):
+    local.add_base(pipelines.base, "sd-tiny")
+    rev = local.push(pipelines.ft_unet, "dog")
+    tensors = local.show(rev.ref).tensors
+    assert {t.key.split("/")[0] for t in tensors if t.kind != "base"} == {"unet"}  # VAE, text encoder, tokenizer: free
+
+    # The same UNet pushed on its own, against the base's UNet folder, costs the same bytes.
+    with Registry.open(home=tmp_path / "unet-only") as alone:
+        alone.add_base(pipelines.base / "unet", "unet")
+        unet_rev = alone.push(pipelines.ft_unet / "unet", "dog")
+        alone.checkout("dog", tmp_path / "unet-alone")
+    assert rev.stored_bytes == unet_rev.stored_bytes
+
+    result = local.checkout("dog", tmp_path / "out")
+    assert result.format == "pipeline"
+    files = sorted(p.relative_to(pipelines.ft_unet).as_posix() for p in pipelines.ft_unet.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(result.path).as_posix() for p in result.path.rglob("*") if p.is_file()) == files
+    for name in files:
+        if not name.endswith(".safetensors") or not name.startswith("unet/"):
+            assert (result.path / name).read_bytes() == (pipelines.ft_unet / name).read_bytes(), name
+    got = load_file(result.path / "unet/diffusion_pytorch_model.safetensors")
+    alone_unet = load_file(tmp_path / "unet-alone/diffusion_pytorch_model.safetensors")
+    assert got.keys() == alone_unet.keys() and all(torch.equal(got[k], alone_unet[k]) for k in got)
+
+    pipe = _load(result.path)
+    image = pipe("a photo of sks dog", num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3)
+    with pytest.raises(UsageError, match="checks out as a folder"):
+        local.checkout("dog", tmp_path / "flat.safetensors")
+
+
+def test_trained_text_encoder_is_compressed_like_the_unet(local, pipelines):
+    local.add_base(pipelines.base, "sd-tiny")
+    tensors = local.show(local.push(pipelines.ft, "dog").ref).tensors
+    te = [t for t in tensors if t.key.startswith("text_encoder/") and t.kind != "base"]
+    assert te and any(t.kind == "lowrank" and t.rank < t.full_rank for t in te)
+    assert all(t.kind == "base" for t in tensors if t.key.startswith(("vae/", "tokenizer/")))
+
+
+def _ldm(unet: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**{f"model.diffusion_model.{k}": v for k, v in unet.items()}, **other}
+
+
+def test_ldm_single_file_unchanged_components_cost_nothing(local, models, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    other = {
+        "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "first_stage_model.decoder.conv_out.weight": torch.randn(3, 8, 3, 3, generator=g),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(50, 32, generator=g),
+    }
+    save_file(_ldm(models.base_sd, other), tmp_path / "v1.safetensors", metadata={"modelspec.title": "tiny"})
+    save_file(_ldm(models.ft_sd, other), tmp_path / "ft.safetensors", metadata={"modelspec.title": "tiny dog"})
+    local.add_base(tmp_path / "v1.safetensors", "v1")
+    rev = local.push(tmp_path / "ft.safetensors", "dog")
+    changed = [t for t in local.show(rev.ref).tensors if t.kind != "base"]
+    assert changed and all(t.key.startswith("model.diffusion_model.") for t in changed)
+
+    out = local.checkout("dog", tmp_path / "out.safetensors").path
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["modelspec.title"] == "tiny dog"
+        assert list(f.keys()) == list(load_file(tmp_path / "ft.safetensors").keys())
+        for k in other:
+            assert torch.equal(f.get_tensor(k), other[k])
+
+    # kohya keys keep the CompVis module names (A1111 and ComfyUI map them); peft needs diffusers names.
+    export = local.export_lora("dog", tmp_path / "dog.safetensors")
+    assert all(k.startswith("lora_unet_") for k in load_file(export.path))
+    with pytest.raises(UsageError, match="LDM single-file"):
+        local.export_lora("dog", tmp_path / "dog-peft.safetensors", format="peft")
+
+    # A fine-tune in another key layout is refused with both layouts named.
+    with pytest.raises(BaseMismatch, match="diffusers UNet.*LDM single-file|LDM single-file.*diffusers UNet"):
+        local.push(_diffusers_unet(tmp_path / "ft-unet", models.ft_sd), "other", base="v1")
+
+
+def _diffusers_unet(folder: Path, sd: dict) -> Path:
+    folder.mkdir()
+    save_file({f"down_blocks.0.{k}": v for k, v in sd.items()}, folder / "diffusion_pytorch_model.safetensors")
+    return folder
