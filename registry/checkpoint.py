@@ -291,8 +291,8 @@ def _torch_load(path: Path) -> object:
                 "re-save it as safetensors or as a plain state dict of tensors"
             ) from None
         raise CheckpointError(f"{path}: not a checkpoint ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, struct.error) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # torch's unpickler raises anything (IndexError, KeyError, ...) on malformed bytes
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")

@@ -47,7 +47,8 @@ def parse_ref(text: str) -> Ref:
     validate_name(name)
     if not sep:
         return Ref(name)
-    if not rev.isdigit() or int(rev) < 1 or len(rev) > 9:
+    # Not str.isdigit(): it accepts "²" and other digits that int() refuses.
+    if not re.fullmatch(r"[0-9]{1,9}", rev) or int(rev) < 1:
         raise InvalidName(f"invalid revision in {_printable(text)}: use NAME@N with N a positive integer")
     return Ref(name, int(rev))
 

@@ -128,11 +128,6 @@ def test_unknown_base(home, models):
     _fails(home, "push", models.ft, "--base", "nope", code=3, match="no base named 'nope'")
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;colon", "quote'", "nul\x00", "tab\tname", "ünï"])
-def test_invalid_subject_names(home, models, name):
-    _fails(home, "push", models.ft, "--subject", name, code=2, match="invalid subject name")
-
-
 @pytest.mark.parametrize("ref", ["known@0", "known@x", "known@-1", "../known"])
 def test_invalid_refs(home, tmp_path, ref):
     _fails(home, "checkout", ref, "-o", tmp_path / "o.safetensors", code=2)
@@ -164,3 +159,104 @@ def test_unreachable_catalog_is_one_line(tmp_path, models):
     result = CliRunner().invoke(cli, ["--catalog", "postgresql+psycopg://nobody:s3cret@127.0.0.1:1/x", "--store", str(tmp_path / "s"), "ls"])
     assert result.exit_code == 8
     assert "s3cret" not in result.output and result.stderr.startswith("error: cannot open catalog")
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+class _Reduce:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _gadgets(marker):
+    """Several ways a pickle can run code on load; each would create ``marker``."""
+    import builtins
+    import subprocess
+
+    touch = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": _Reduce(os.system, f"touch {marker}"),
+        "eval": _Reduce(builtins.eval, touch),
+        "exec": _Reduce(builtins.exec, touch),
+        "subprocess.Popen": _Reduce(subprocess.Popen, ["touch", str(marker)]),
+        "import chain": _Reduce(getattr, _Reduce(builtins.__import__, "os"), "system"),
+    }
+
+
+def test_pickle_gadgets_are_refused_and_run_nothing(home, models, tmp_path):
+    marker = tmp_path / "pwned"
+    for gadget, evil in _gadgets(marker).items():
+        payloads = {
+            "top": evil,
+            "in the state dict": {**models.ft_sd, "evil": evil},
+            "deep in a list": {"state_dict": models.ft_sd, "extra": [1, {"x": [evil]}]},
+        }
+        for place, payload in payloads.items():
+            path = tmp_path / f"evil-{len(list(tmp_path.iterdir()))}.ckpt"
+            torch.save(payload, path)
+            _fails(home, "push", path, code=4, match="refused")
+            _fails(home, "base", "add", path, "--name", "evil", code=4, match="refused")
+            assert not marker.exists(), (gadget, place)
+
+
+def _safetensors(header: dict, data: bytes, declared: int | None = None) -> bytes:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if declared is None else declared) + raw + data
+
+
+_LIES = {
+    "header length past the end": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, 10**6),
+    "data past the end": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, None),
+    "overlapping offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, None),
+    "offsets out of order": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, None),
+    "negative offset": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8, None),
+    "huge shape": ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, 8, None),
+    "negative shape": ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, None),
+    "unknown dtype": ({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, 16, None),
+    "header not an object": ([1, 2, 3], 0, None),
+    "entry not an object": ({"a": 5}, 0, None),
+}
+
+
+def test_safetensors_with_a_lying_header_is_refused(home, tmp_path):
+    for lie, (header, size, declared) in _LIES.items():
+        path = tmp_path / "lie.safetensors"
+        path.write_bytes(_safetensors(header, b"\0" * size, declared))
+        _fails(home, "push", path, code=4)
+        _fails(home, "base", "add", path, "--name", "lie", code=4)
+
+
+HOSTILE_NAMES = ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;colon", "quote'", "nul\x00", "tab\tname", "ünï", "a\\b", "..", "./x", "a/../b", "x" * 10_000, "'; DROP TABLE subjects; --", 'q"q', "bell\x07", "new\nline", "del\x7f", "\u202eevil"]
+
+
+def test_hostile_names_are_refused(home, models, tmp_path):
+    for name in HOSTILE_NAMES:
+        _fails(home, "push", models.ft, f"--subject={name}", code=2, match="invalid subject name")
+        _fails(home, "checkout", "-o", tmp_path / "o.safetensors", "--", name, code=2)
+        _fails(home, "tag", "--", "known@1", name, code=2, match="invalid tag name")
+        _fails(home, "base", "add", models.base, f"--name={name}", code=2, match="invalid base name")
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_blob_that_would_inflate_past_its_recorded_size_is_refused():
+    import zstandard
+
+    from registry import IntegrityError
+    from registry.codec import decode, encode
+
+    data, raw = encode({"a": torch.zeros(1000)})
+    with pytest.raises(IntegrityError, match="declares"):
+        decode(data, raw - 1)
+    # A frame that does not declare its size: decompression stops at the recorded size.
+    chunker = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    bomb = chunker.compress(b"\0" * (64 << 20)) + chunker.flush()
+    assert len(bomb) < 10_000
+    with pytest.raises(IntegrityError):
+        decode(bomb, 1000)
