@@ -149,8 +149,26 @@ class BlobStore:
             return fn(*args, **kwargs)
         except (FileNotFoundError, IntegrityError):
             raise
-        except OSError as exc:
-            raise StoreError(f"object store {redact(self.url)}: {redact(str(exc))}") from None
+        except _STORE_ERRORS as exc:
+            raise StoreError(f"object store {redact(self.url)}: {redact(_first_line(exc))}") from None
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a store's client raises when the store fails: OSError, and botocore's own errors (an
+    endpoint that refuses connections is not an OSError there) when s3fs is installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+_STORE_ERRORS = _store_errors()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _modified(info: dict) -> datetime | None:

@@ -421,10 +421,13 @@ class Registry:
 
     def _rebuild(self, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:
         def load(entry: StoredEntry):
-            stored = None
-            if entry.blob is not None:
-                stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
-            bt = self._base_tensor(base[entry.key]) if entry.kind != "full" else None
+            try:
+                stored = None
+                if entry.blob is not None:
+                    stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
+                bt = self._base_tensor(base[entry.key]) if entry.kind != "full" else None
+            except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
+                raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
             return entry, bt, stored
 
         for i, (entry, bt, stored) in enumerate(prefetch(load, entries, window=4, workers=4)):

