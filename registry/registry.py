@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -703,15 +704,38 @@ def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
     if output.is_dir() and any(output.iterdir()):
         raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.dsreg-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temporaries(output)
+    tmp = output.parent / f".{output.name}.dsreg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
         if output.is_dir():
             output.rmdir()
         os.replace(tmp, output)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporaries of earlier writes to ``output`` whose process died without cleaning up (kill -9).
+
+    Only those written on this host by a process that no longer exists: a live writer's are its own.
+    """
+    prefix = f".{output.name}.dsreg-{socket.gethostname()}-"
+    for tmp in output.parent.glob(f".{glob.escape(output.name)}.dsreg-*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0] if tmp.name.startswith(prefix) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(tmp)
+        except PermissionError:  # alive, another user's
+            pass
