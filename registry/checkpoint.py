@@ -422,7 +422,9 @@ def _open_pipeline(path: Path) -> Checkpoint:
             ckpt.close()
 
     layout = Layout("pipeline", components=components, file_keys=file_keys)
-    return Checkpoint(path, specs, layout, lambda key: getters[key](), close)
+    read = sorted(used) + [path / k for k in file_keys]
+    # The digest covers what was read, not the weight variants left out (they can be many GB).
+    return Checkpoint(path, specs, layout, lambda key: getters[key](), close, lambda: source_digest(path, read))
 
 
 def _file_tensor(file: Path) -> torch.Tensor:
@@ -459,11 +461,14 @@ def _open_sharded(path: Path, index: Path) -> Checkpoint:
     return Checkpoint(path, specs, layout, lambda key: shards[owner[key]].get(key), close)
 
 
-def source_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (names and bytes, in name order)."""
+def source_digest(path: str | os.PathLike, files: Iterable[Path] | None = None) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, in name order): all of them, or ``files``."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if files is not None:
+        files = sorted(files)
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
             h.update(str(f.relative_to(path)).encode() + b"\0")
