@@ -540,6 +540,11 @@ class Catalog:
         with self.session() as s:
             return [self._base_info(r) for r in s.scalars(sa.select(BaseRow).order_by(BaseRow.name))]
 
+    def base_layout(self, name: str) -> dict:
+        base_id = self.base_id(name)
+        with self.session() as s:
+            return json.loads(s.scalar(sa.select(BaseRow.layout).where(BaseRow.id == base_id)))
+
     def base_tensors(self, name: str) -> list[BaseTensor]:
         base_id = self.base_id(name)
         with self.session() as s:

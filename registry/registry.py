@@ -191,13 +191,16 @@ class Registry:
         with open_checkpoint(path) as ckpt:
             scanned = self._scan(ckpt, progress)
             base_name = base or self._detect_base(ckpt, scanned)
-            base_tensors = self._fitting_base(base_name, scanned)
+            base_tensors, component = self._fitting_base(base_name, scanned)
+            layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
+            if component is not None:
+                layout["base_component"] = component
             with self._lease(f"push {subject or 'new subject'}") as lease:
                 entries = self._compress(ckpt, scanned, base_tensors, lease, rule, encoding, method, dev, progress)
                 new = NewRevision(
                     subject=subject, base_id=self.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
                     rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
-                    source_format=ckpt.layout.format, layout={**ckpt.layout.to_json(), "source_name": Path(path).name},
+                    source_format=ckpt.layout.format, layout=layout,
                     entries=tuple(entries),
                 )
                 return self.catalog.commit_revision(new, lease.id)
@@ -212,12 +215,34 @@ class Registry:
             progress("read", i + 1, len(ckpt.specs))
         return _Scanned(ckpt.specs, digests, ckpt.nbytes, ckpt.file_digest(), frozenset(ckpt.layout.file_keys or ()))
 
-    def _fitting_base(self, name: str, scanned: _Scanned) -> dict[str, BaseTensor]:
-        tensors = {t.key: t for t in self.catalog.base_tensors(name)}
-        problem = _mismatch(scanned, tensors)
+    def _fitting_base(self, name: str, scanned: _Scanned) -> tuple[dict[str, BaseTensor], str | None]:
+        tensors, component, problem = self._fit(name, scanned)
         if problem:
             raise BaseMismatch(f"checkpoint does not fit base {name!r}: {problem}")
-        return tensors
+        return tensors, component
+
+    def _fit(self, name: str, scanned: _Scanned) -> tuple[dict[str, BaseTensor] | None, str | None, str | None]:
+        """(tensors, component, None) for the part of base ``name`` that the checkpoint fits: the whole
+        base, or one component of a pipeline base (a UNet folder pushed against a whole pipeline);
+        else (None, None, why not)."""
+        whole = self._base_map(name)
+        problem = _mismatch(scanned, whole)
+        if problem is None:
+            return whole, None, None
+        for component in self.catalog.base_layout(name).get("components") or {}:
+            part = self._base_map(name, component)
+            if part and _mismatch(scanned, part) is None:
+                return part, component, None
+        return None, None, problem
+
+    def _base_map(self, name: str, component: str | None = None) -> dict[str, BaseTensor]:
+        """A base's tensors by key; of a pipeline base's ``component``, by key inside that component."""
+        tensors = self.catalog.base_tensors(name)
+        if component is None:
+            return {t.key: t for t in tensors}
+        prefix = f"{component}/"
+        files = set(self.catalog.base_layout(name).get("file_keys") or ())
+        return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix) and t.key not in files}
 
     def _detect_base(self, ckpt: Checkpoint, scanned: _Scanned) -> str:
         bases = self.catalog.bases()
@@ -226,8 +251,7 @@ class Registry:
         fitting: dict[str, dict[str, BaseTensor]] = {}
         reasons = []
         for b in bases:
-            tensors = {t.key: t for t in self.catalog.base_tensors(b.name)}
-            problem = _mismatch(scanned, tensors)
+            tensors, _, problem = self._fit(b.name, scanned)
             if problem:
                 reasons.append(f"{b.name} ({problem})")
             else:
@@ -362,7 +386,7 @@ class Registry:
         progress = progress or _quiet
         with open_checkpoint(path) as ckpt:
             scanned = self._scan(ckpt, progress)
-            base_tensors = self._fitting_base(base or self._detect_base(ckpt, scanned), scanned)
+            base_tensors, _ = self._fitting_base(base or self._detect_base(ckpt, scanned), scanned)
             changed = _changed(scanned, base_tensors)
             layers, fixed = [], []
 
@@ -404,9 +428,10 @@ class Registry:
         dev = resolve_device(device)
         progress = progress or _quiet
         info = self.catalog.revision(ref)
-        pushed = Layout.from_json(self.catalog.revision_layout(Ref(info.subject, info.number)))
+        recorded = self.catalog.revision_layout(Ref(info.subject, info.number))
+        pushed = Layout.from_json(recorded)
         entries = self.catalog.entries(Ref(info.subject, info.number))
-        base = {t.key: t for t in self.catalog.base_tensors(info.base)}
+        base = self._base_map(info.base, recorded.get("base_component"))
         output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
         layout = _output_layout(pushed, output, format)
         specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
@@ -459,7 +484,7 @@ class Registry:
         info = self.catalog.revision(ref)
         entries = self.catalog.entries(Ref(info.subject, info.number))
         lora.check_format(format, [e.key for e in entries])
-        base = {t.key: t for t in self.catalog.base_tensors(info.base)}
+        base = self._base_map(info.base, self.catalog.revision_layout(Ref(info.subject, info.number)).get("base_component"))
         out = lora.LoraFile(format, dtype)
         targets = {e.key: t for e in entries if (t := lora.target(e.key, e.shape)) is not None}
         changed = [e for e in entries if e.kind not in ("base", "dropped")]

@@ -197,3 +197,18 @@ def _diffusers_unet(folder: Path, sd: dict) -> Path:
     folder.mkdir()
     save_file({f"down_blocks.0.{k}": v for k, v in sd.items()}, folder / "diffusion_pytorch_model.safetensors")
     return folder
+
+
+def test_a_unet_folder_pushes_against_a_whole_pipeline_base(local, pipelines, tmp_path):
+    local.add_base(pipelines.base, "sd-tiny")
+    whole = local.push(pipelines.ft_unet, "whole")
+    unet = local.push(pipelines.ft_unet / "unet", "unet")  # the base is found by its unet/ component
+    assert unet.base == "sd-tiny" and unet.stored_bytes == whole.stored_bytes
+    out = local.checkout("unet", tmp_path / "unet").path
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    got = load_file(out / "diffusion_pytorch_model.safetensors")
+    ref = load_file(local.checkout("whole", tmp_path / "whole").path / "unet/diffusion_pytorch_model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got)
+    lora = load_file(local.export_lora("unet", tmp_path / "unet-lora.safetensors").path)
+    assert lora.keys() == load_file(local.export_lora("whole", tmp_path / "whole-lora.safetensors").path).keys()
+    assert local.verify(full=True).ok
