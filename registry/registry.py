@@ -644,7 +644,12 @@ def _changed(scanned: _Scanned, base: dict[str, BaseTensor]) -> list[TensorSpec]
 def _mismatch(scanned: _Scanned, base: dict[str, BaseTensor]) -> str | None:
     """Why a checkpoint does not fit a base, or None. A pipeline's files need not match: they are stored whole."""
     keys = {s.key for s in scanned.specs}
-    missing = sorted(k for k in set(base) - keys if not _is_file_key(k, base[k]))
+    # A pipeline may leave out whole components of its base (a fine-tune saved without the safety checker).
+    present = {k.split("/", 1)[0] for k in keys if "/" in k} if scanned.file_keys else None
+    missing = sorted(
+        k for k in set(base) - keys
+        if not _is_file_key(k, base[k]) and not (present is not None and "/" in k and k.split("/", 1)[0] not in present)
+    )
     extra = sorted(keys - set(base) - scanned.file_keys)
     if missing or extra:
         parts = []

@@ -212,3 +212,21 @@ def test_a_unet_folder_pushes_against_a_whole_pipeline_base(local, pipelines, tm
     lora = load_file(local.export_lora("unet", tmp_path / "unet-lora.safetensors").path)
     assert lora.keys() == load_file(local.export_lora("whole", tmp_path / "whole-lora.safetensors").path).keys()
     assert local.verify(full=True).ok
+
+
+def test_a_pipeline_may_leave_out_whole_components_of_its_base(local, pipelines, tmp_path):
+    import shutil
+
+    local.add_base(pipelines.base, "sd-tiny")
+    partial = tmp_path / "partial"
+    shutil.copytree(pipelines.ft_unet, partial)
+    shutil.rmtree(partial / "vae")  # saved without one of the base's components
+    rev = local.push(partial, "dog")
+    assert rev.stored_bytes == local.push(pipelines.ft_unet, "whole").stored_bytes
+    out = local.checkout("dog", tmp_path / "out").path
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in partial.iterdir())
+    # A missing part of a component is still a mismatch.
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (pipelines.ft_unet / "text_encoder" / "model.safetensors").read_bytes())
+    with pytest.raises(BaseMismatch):
+        local.push(partial, "broken")
