@@ -84,7 +84,15 @@ def test_s3_killed_during_uploads_and_restarted(postgres, models, tmp_path):
     try:
         with Registry.open(url, store, home=tmp_path / "registry", storage_options=options) as reg:
             reg.add_base(models.base, "tiny")
-            restart = threading.Timer(1.0, server.start)
+            failures: list[BaseException] = []
+
+            def start_again() -> None:
+                try:
+                    server.start()
+                except BaseException as exc:  # reported below: a Timer thread would swallow it
+                    failures.append(exc)
+
+            restart = threading.Timer(1.0, start_again)
             killed = []
 
             def progress(stage, done, total):
@@ -95,7 +103,7 @@ def test_s3_killed_during_uploads_and_restarted(postgres, models, tmp_path):
 
             outcome = _outcome(reg, lambda: reg.push(models.ft, "dog", device="cpu", progress=progress))
             restart.join()
-            assert killed
+            assert killed and not failures, failures
         with Registry.open(url, store, home=tmp_path / "registry", storage_options=options) as reg:
             _after(reg, models, tmp_path, outcome)
             print(f"S3 killed during push: {outcome}")
