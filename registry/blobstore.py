@@ -21,7 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import redact
-from .errors import IntegrityError, StoreError
+from .errors import IntegrityError, StoreError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class BlobStore:
         except (FileNotFoundError, IntegrityError):
             raise
         except _STORE_ERRORS as exc:
-            raise StoreError(f"object store {redact(self.url)}: {redact(_first_line(exc))}") from None
+            raise StoreError(f"object store {redact(self.url)}: {redact(first_line(exc))}") from None
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -164,11 +164,6 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 
 
 _STORE_ERRORS = _store_errors()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _modified(info: dict) -> datetime | None:

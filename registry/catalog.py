@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError, InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .config import redact
-from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreError, SubjectNotFound
+from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreError, SubjectNotFound, first_line
 from .names import AUTO_PREFIX, Ref, auto_number
 from .records import BaseInfo, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
 
@@ -899,5 +899,4 @@ def _chunks(items: list, n: int):
 
 
 def _db_message(exc: Exception) -> str:
-    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)
+    return redact(first_line(getattr(exc, "orig", None) or exc))

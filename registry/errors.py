@@ -6,6 +6,12 @@ The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): errors are one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class DsregError(Exception):
     """Base of every error that dsreg reports to a user."""
 
