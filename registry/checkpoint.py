@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .codec import DTYPES, dtype_name
-from .errors import CheckpointError, UnsafeCheckpoint
+from .errors import CheckpointError, UnsafeCheckpoint, first_line
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +268,6 @@ def _safetensors_order(path: Path, n: int, header: dict) -> dict[str, int]:
     return {key: i for i, (key, _, _) in enumerate(entries)}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _torch_load(path: Path) -> object:
     try:
         with warnings.catch_warnings():
@@ -290,9 +285,9 @@ def _torch_load(path: Path) -> object:
                 f"{path}: refused: the pickle needs {culprits}, which could run code; "
                 "re-save it as safetensors or as a plain state dict of tensors"
             ) from None
-        raise CheckpointError(f"{path}: not a checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # torch's unpickler raises anything (IndexError, KeyError, ...) on malformed bytes
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
@@ -405,12 +400,13 @@ def _open_pipeline(path: Path) -> Checkpoint:
         if file.suffix in WEIGHT_SUFFIXES:
             skipped.append(key)
             continue
-        if file.stat().st_size > PIPELINE_FILE_LIMIT:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, too large for a pipeline's config or tokenizer file")
+        size = file.stat().st_size
+        if size > PIPELINE_FILE_LIMIT:
+            raise CheckpointError(f"{file}: {size} bytes, too large for a pipeline's config or tokenizer file")
         if key in getters:
             raise CheckpointError(f"{path}: file {key!r} has the same name as a tensor")
         file_keys.append(key)
-        specs.append(TensorSpec(key, "uint8", (file.stat().st_size,)))
+        specs.append(TensorSpec(key, "uint8", (size,)))
         getters[key] = lambda file=file: _file_tensor(file)
     if not components:
         raise CheckpointError(f"{path}: a diffusers pipeline (model_index.json), but no component folder holds weights")

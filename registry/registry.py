@@ -225,12 +225,14 @@ class Registry:
         """(tensors, component, None) for the part of base ``name`` that the checkpoint fits: the whole
         base, or one component of a pipeline base (a UNet folder pushed against a whole pipeline);
         else (None, None, why not)."""
-        whole = self._base_map(name)
+        tensors = self.catalog.base_tensors(name)
+        whole = {t.key: t for t in tensors}
         problem = _mismatch(scanned, whole)
         if problem is None:
             return whole, None, None
-        for component in self.catalog.base_layout(name).get("components") or {}:
-            part = self._base_map(name, component)
+        layout = self.catalog.base_layout(name)
+        for component in layout.get("components") or {}:
+            part = _component_tensors(tensors, component, layout)
             if part and _mismatch(scanned, part) is None:
                 return part, component, None
         return None, None, problem
@@ -240,9 +242,7 @@ class Registry:
         tensors = self.catalog.base_tensors(name)
         if component is None:
             return {t.key: t for t in tensors}
-        prefix = f"{component}/"
-        files = set(self.catalog.base_layout(name).get("file_keys") or ())
-        return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix) and t.key not in files}
+        return _component_tensors(tensors, component, self.catalog.base_layout(name))
 
     def _detect_base(self, ckpt: Checkpoint, scanned: _Scanned) -> str:
         bases = self.catalog.bases()
@@ -489,7 +489,7 @@ class Registry:
         targets = {e.key: t for e in entries if (t := lora.target(e.key, e.shape)) is not None}
         changed = [e for e in entries if e.kind not in ("base", "dropped")]
         left_out: list[str] = []
-        biases: list[tuple[StoredEntry, lora.Target]] = []
+        biases: list[tuple[StoredEntry, lora.Target, dict]] = []
 
         def load(entry: StoredEntry):
             stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
@@ -506,12 +506,11 @@ class Registry:
             elif t is not None and with_dense and entry.kind in ("dense", "exact"):
                 out.add(t, *lora.full_rank_pair(self._entry_delta(entry, base, stored), entry.shape))
             elif bias is not None and entry.kind in ("dense", "exact", "sparse"):
-                biases.append((entry, bias))  # after the weights: a bias rides on its layer's module
+                biases.append((entry, bias, stored))  # after the weights: a bias rides on its layer's module
             else:
                 left_out.append(entry.key)
             progress("export", i + 1, len(changed))
-        for entry, bias in biases:
-            stored = load(entry)[1]
+        for entry, bias, stored in biases:
             if not out.add_bias(bias, self._entry_delta(entry, base, stored)):
                 left_out.append(entry.key)
         if not out.ranks:
@@ -630,6 +629,13 @@ def _manifest_digest(scanned: _Scanned) -> str:
     for spec in scanned.specs:
         h.update(f"{spec.key}\0{scanned.digests[spec.key]}\n".encode())
     return h.hexdigest()
+
+
+def _component_tensors(tensors: list[BaseTensor], component: str, layout: dict) -> dict[str, BaseTensor]:
+    """One component's weights of a pipeline base, by their key inside the component."""
+    prefix = f"{component}/"
+    files = set(layout.get("file_keys") or ())
+    return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix) and t.key not in files}
 
 
 def _is_file_key(key: str, t: BaseTensor) -> bool:
