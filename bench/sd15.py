@@ -104,7 +104,7 @@ def plain_svd(base_path: Path, ft_path: Path, tau: float) -> dict:
             if len(spec.shape) < 2:
                 continue
             delta = deltasvd.as_matrix(ft.get(spec.key) - base.get(spec.key))
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            u, s, vh = deltasvd.svd(delta)  # torch.linalg.svd, retried in fp64 where fp32 does not converge
             t = deltasvd.energy_rank(s, tau)
             a, b = (u[:, :t] * s[:t]).half(), vh[:t].half()
             ranks[spec.key] = t

@@ -60,7 +60,10 @@ def energy_rank(singular_values: torch.Tensor, tau: float) -> int:
 def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
     """All singular values of ``matrix``, descending."""
     if method == "svd":
-        return torch.linalg.svdvals(matrix.float())
+        try:
+            return torch.linalg.svdvals(matrix.float())
+        except torch.linalg.LinAlgError:  # as in svd()
+            return torch.linalg.svdvals(matrix.double()).float()
     gram = _gram(matrix.double())
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
@@ -82,7 +85,7 @@ class Spectrum:
         d, k = self.matrix.shape
         self.full_rank = min(d, k)
         if method == "svd":
-            self._u, s, self._vh = torch.linalg.svd(self.matrix, full_matrices=False)
+            self._u, s, self._vh = svd(self.matrix)
             self.s = s.double()
         else:
             # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
@@ -112,6 +115,16 @@ class Spectrum:
     @property
     def _s32(self) -> torch.Tensor:
         return self.s.float()
+
+
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd`` in fp32, retried in fp64 where LAPACK's fp32 divide-and-conquer fails
+    to converge (it does on deltas whose trailing singular values are all zero)."""
+    try:
+        return torch.linalg.svd(matrix.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
 
 
 def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:

@@ -91,3 +91,20 @@ def test_fast_path_matches_exact_on_any_shape(d, k, true_rank, tau, seed):
     s = deltasvd.singular_values(deltasvd.as_matrix(delta), "svd").double()
     share = float(s[: exact.rank].sum() / s.sum())
     assert share >= tau - 1e-5
+
+
+def test_svd_retries_in_fp64_where_fp32_does_not_converge(monkeypatch):
+    """LAPACK's fp32 gesdd fails to converge on some rank-deficient SD1.5-size deltas."""
+    real = torch.linalg.svd
+
+    def fp32_fails(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, *args, **kwargs)
+
+    m = torch.randn(40, 12, generator=torch.Generator().manual_seed(3)) @ torch.randn(12, 90, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(torch.linalg, "svd", fp32_fails)
+    u, s, vh = deltasvd.svd(m)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.allclose((u * s) @ vh, m, atol=1e-4)
+    assert deltasvd.Spectrum(m, "svd").full_rank == 40
