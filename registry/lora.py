@@ -63,10 +63,12 @@ class Target:
 
 def target(key: str, shape: tuple[int, ...]) -> Target | None:
     """The LoRA module a weight key belongs to, or None when no LoRA can carry a change to it."""
-    if not key.endswith(".weight") or len(shape) not in (2, 4) or key.startswith(_NO_LORA):
+    if not key.endswith(".weight") or len(shape) not in (2, 4):
         return None
     for prefix, kohya, peft in _COMPONENTS:
         if key.startswith(prefix):
+            if not prefix and key.startswith(_NO_LORA):  # after the named prefixes: cond_stage_model.transformer. is one
+                return None
             module = key[len(prefix) : -len(".weight")]
             if "/" in module or _EMBEDDING.search(module.rsplit(".", 1)[-1]):
                 return None  # another pipeline component, or an nn.Embedding (no conv/linear LoRA)

@@ -230,3 +230,16 @@ def test_a_pipeline_may_leave_out_whole_components_of_its_base(local, pipelines,
         (pipelines.ft_unet / "text_encoder" / "model.safetensors").read_bytes())
     with pytest.raises(BaseMismatch):
         local.push(partial, "broken")
+
+
+def test_lora_module_names_for_each_key_layout():
+    from registry.lora import target
+
+    ldm_te = target("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", (32, 32))
+    assert ldm_te.kohya == "lora_te_text_model_encoder_layers_0_self_attn_q_proj" and ldm_te.peft is None
+    assert target("model.diffusion_model.input_blocks.1.1.proj_in.weight", (8, 8, 1, 1)).kohya == "lora_unet_input_blocks_1_1_proj_in"
+    assert target("unet/down_blocks.0.resnets.0.conv1.weight", (8, 8, 3, 3)).peft == "unet.down_blocks.0.resnets.0.conv1"
+    assert target("text_encoder/text_model.encoder.layers.0.mlp.fc1.weight", (8, 8)).kohya == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    for none in ("first_stage_model.encoder.conv_in.weight", "cond_stage_model.model.token_embedding.weight",
+                 "vae/encoder.conv_in.weight", "text_encoder/text_model.embeddings.token_embedding.weight", "conv_in.bias"):
+        assert target(none, (8, 8, 3, 3) if "conv" in none else (8, 8)) is None, none
