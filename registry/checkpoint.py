@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .codec import DTYPES, dtype_name
+from .codec import DTYPES, SAFETENSORS_CODES, dtype_name
 from .errors import CheckpointError, UnsafeCheckpoint, first_line
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 PIPELINE_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".gguf"}
 PIPELINE_FILE_LIMIT = 64 << 20
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
+_ST_DTYPES = SAFETENSORS_CODES
 _ST_MAX_HEADER = 100_000_000
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,6 +25,86 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], window: int = 4, workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced in a thread of its own up to ``depth`` items before the consumer takes them.
+
+    A checkout rebuilds tensor i + 1 while it writes tensor i. The producer's exception is raised in
+    the consumer; a consumer that stops early (an error while writing) stops the producer too.
+    """
+    box: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((exc, None))
+
+    thread = threading.Thread(target=produce, name="dsreg-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = box.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class MemoryGate:
+    """Admits work while the bytes it holds stay within ``limit``; one item larger than the limit is
+    admitted alone. Parallel compressions take their turn on the largest layers this way."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._used = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._changed:
+            while self._used and self._used + n > self.limit:
+                self._changed.wait()
+            self._used += n
+
+    def release(self, n: int) -> None:
+        with self._changed:
+            self._used -= n
+            self._changed.notify_all()
+
+
+@contextmanager
+def threads_per_lane(lanes: int) -> Iterator[None]:
+    """Split torch's CPU threads among ``lanes`` parallel jobs, and restore the setting after.
+
+    On two cores, two decompositions side by side with one thread each beat one with two: the
+    eigensolver's serial parts leave the second thread idle, and a thread descheduled for I/O
+    stalls a two-thread team at every barrier.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // lanes))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Background:

@@ -11,7 +11,6 @@ import re
 import shutil
 import socket
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,10 +25,11 @@ from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevisi
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, open_checkpoint, write_checkpoint
 from .config import BASE_ZSTD_LEVEL, DEFAULT_ENCODING, Settings
 from .encodings import ENCODINGS
-from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, NonFiniteWeights, UsageError
+from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, UsageError
 from .layers import key_layout, layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
-from .pipeline import Background, prefetch
+from .pipeline import Background, MemoryGate, ahead, prefetch, threads_per_lane
+from .scan import HeldUploads, Scan, Scanned
 from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
     BaseInfo, CheckoutResult, GcReport, LoraExport, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow, VerifyReport, numel,
@@ -44,6 +44,10 @@ Progress = Callable[[str, int, int], None]
 # while more than this share of the budget is left.
 TOPUP_ROUNDS = 2
 TOPUP_MIN = 0.01
+
+# Layers decomposed side by side on the CPU, and the bytes of tensors they may hold together.
+COMPRESS_LANES = 2
+COMPRESS_MEMORY = 900 << 20
 
 # A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
 DETECT_MARGIN = 0.5
@@ -61,20 +65,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
-
-
-@dataclass(frozen=True)
-class _Scanned:
-    """Pass one over a checkpoint: every tensor's digest, checked finite, before anything is written."""
-
-    specs: list[TensorSpec]
-    digests: dict[str, str]
-    nbytes: int
-    source_digest: str
-    file_keys: frozenset[str] = frozenset()  # a pipeline's files: they may differ from the base's in size, or be new
-
-    def spec(self, key: str) -> TensorSpec:
-        return next(s for s in self.specs if s.key == key)
 
 
 class Registry:
@@ -129,7 +119,7 @@ class Registry:
     def _lease(self, what: str) -> Lease:
         return self.catalog.lease(f"{what} on {socket.gethostname()} pid {os.getpid()}", self.settings.lease_ttl)
 
-    def _upload_base_tensors(self, ckpt: Checkpoint, scanned: _Scanned, lease: Lease, progress: Progress):
+    def _upload_base_tensors(self, ckpt: Checkpoint, scanned: Scanned, lease: Lease, progress: Progress):
         tensors: list[BaseTensor] = []
         blobs: dict[str, BlobRecord] = {}
         by_tensor: dict[str, BlobRecord] = {}
@@ -188,15 +178,15 @@ class Registry:
         _check_choice("method", method, deltasvd.METHODS)
         dev = resolve_device(device)
         progress = progress or _quiet
-        with open_checkpoint(path) as ckpt:
-            scanned = self._scan(ckpt, progress)
-            base_name = base or self._detect_base(ckpt, scanned)
-            base_tensors, component = self._fitting_base(base_name, scanned)
+        with open_checkpoint(path) as ckpt, Scan(ckpt, progress) as scan:
+            base_name = base or self._detect_base(ckpt, scan)
+            base_tensors, component = self._fitting_base(base_name, scan)
             layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
             if component is not None:
                 layout["base_component"] = component
             with self._lease(f"push {subject or 'new subject'}") as lease:
-                entries = self._compress(ckpt, scanned, base_tensors, lease, rule, encoding, method, dev, progress)
+                entries = self._compress(ckpt, scan, base_tensors, lease, rule, encoding, method, dev, progress)
+                scanned = scan.result()
                 new = NewRevision(
                     subject=subject, base_id=self.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
                     rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
@@ -205,23 +195,17 @@ class Registry:
                 )
                 return self.catalog.commit_revision(new, lease.id)
 
-    def _scan(self, ckpt: Checkpoint, progress: Progress) -> _Scanned:
-        digests = {}
-        for i, (spec, tensor) in enumerate(ckpt):
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise NonFiniteWeights(f"{ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
-            digests[spec.key] = codec.tensor_digest(tensor)
-            progress("read", i + 1, len(ckpt.specs))
-        return _Scanned(ckpt.specs, digests, ckpt.nbytes, ckpt.file_digest(), frozenset(ckpt.layout.file_keys or ()))
+    def _scan(self, ckpt: Checkpoint, progress: Progress) -> Scanned:
+        with Scan(ckpt, progress) as scan:
+            return scan.result()
 
-    def _fitting_base(self, name: str, scanned: _Scanned) -> tuple[dict[str, BaseTensor], str | None]:
+    def _fitting_base(self, name: str, scanned: Scanned | Scan) -> tuple[dict[str, BaseTensor], str | None]:
         tensors, component, problem = self._fit(name, scanned)
         if problem:
             raise BaseMismatch(f"checkpoint does not fit base {name!r}: {problem}")
         return tensors, component
 
-    def _fit(self, name: str, scanned: _Scanned) -> tuple[dict[str, BaseTensor] | None, str | None, str | None]:
+    def _fit(self, name: str, scanned: Scanned | Scan) -> tuple[dict[str, BaseTensor] | None, str | None, str | None]:
         """(tensors, component, None) for the part of base ``name`` that the checkpoint fits: the whole
         base, or one component of a pipeline base (a UNet folder pushed against a whole pipeline);
         else (None, None, why not)."""
@@ -244,7 +228,7 @@ class Registry:
             return {t.key: t for t in tensors}
         return _component_tensors(tensors, component, self.catalog.base_layout(name))
 
-    def _detect_base(self, ckpt: Checkpoint, scanned: _Scanned) -> str:
+    def _detect_base(self, ckpt: Checkpoint, scanned: Scanned | Scan) -> str:
         bases = self.catalog.bases()
         if not bases:
             raise BaseMismatch("no base is registered; add one first with `dsreg base add FILE --name NAME`")
@@ -260,7 +244,8 @@ class Registry:
             raise BaseMismatch("no registered base fits this checkpoint: " + "; ".join(reasons[:5]))
         if len(fitting) == 1:
             return next(iter(fitting))
-        identical = {n: sum(scanned.digests.get(k) == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
+        digests = (scanned.result() if isinstance(scanned, Scan) else scanned).digests
+        identical = {n: sum(digests.get(k) == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
         ranked = sorted(fitting, key=lambda n: identical[n], reverse=True)
         if identical[ranked[0]] > identical[ranked[1]]:
             return ranked[0]
@@ -285,28 +270,58 @@ class Registry:
     def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
         return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
 
-    def _compress(self, ckpt, scanned, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
-        specs = scanned.specs
-        changed = _changed(scanned, base)
-        done: dict[str, deltas.Stored] = {s.key: deltas.Stored("base") for s in specs if s not in changed}
+    def _compress(self, ckpt, scan: Scan, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
+        specs = scan.specs
+
+        def unchanged(spec: TensorSpec) -> bool:  # the scan's digest says so, without reading the base
+            return spec.key in base and scan.digest(spec.key) == base[spec.key].tensor_digest
 
         def load(spec: TensorSpec):
             return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key]) if spec.key in base else None
 
-        if rule.mode == "budget":
+        done: dict[str, deltas.Stored] = {}
+        if rule.mode == "budget":  # the plan needs every changed layer's spectrum first
+            changed = _changed(scan.result(), base)
+            done = {s.key: deltas.Stored("base") for s in specs if s not in changed}
             done.update(self._compress_to_budget(load, changed, rule, encoding, method, device, progress))
         entries: dict[str, NewEntry] = {}
-        # Two tensors read ahead and four uploads in flight: enough to keep both cores busy, and a
-        # bound on memory of a few of the largest layers (the 1.5 GB target at SD1.5 size).
-        with Background(workers=4, limit=4) as uploads:
+        # On the CPU, LANES layers are decomposed side by side (see threads_per_lane), one more is read
+        # ahead, and the memory gate keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target at
+        # SD1.5 size): the largest layers go one at a time.
+        lanes = COMPRESS_LANES if device.type == "cpu" else 1
+        gate = MemoryGate(COMPRESS_MEMORY)
+
+        def gated_load(spec: TensorSpec):
+            if unchanged(spec):
+                return spec, None, None, 0
+            weight = 4 * numel(spec.shape) * 4  # fine-tune, base, delta and residual, in fp32
+            gate.acquire(weight)
+            try:
+                return (*load(spec), weight)
+            except BaseException:
+                gate.release(weight)
+                raise
+
+        def compress_one(item) -> tuple[TensorSpec, deltas.Stored]:
+            spec, ft, bt, weight = item
+            try:
+                if ft is None:
+                    return spec, deltas.Stored("base")
+                return spec, deltas.compress(ft, bt, rule, encoding, method=method, device=device)
+            finally:
+                gate.release(weight)
+
+        with Background(workers=4, limit=4) as background, threads_per_lane(lanes):
+            uploads = HeldUploads(scan, background)
             for key, stored in done.items():
-                entries[key] = self._record(scanned.spec(key), stored, scanned.digests[key], lease, uploads)
-            todo = [s for s in changed if s.key not in done]
-            for i, (spec, ft, bt) in enumerate(prefetch(load, todo, window=2, workers=2)):
-                stored = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
-                entries[spec.key] = self._record(spec, stored, scanned.digests[spec.key], lease, uploads)
+                entries[key] = self._record(scan.specs_by_key[key], stored, scan.digest(key), lease, uploads)
+            todo = [s for s in specs if s.key not in done]
+            loaded = prefetch(gated_load, todo, window=1, workers=1)
+            for i, (spec, stored) in enumerate(prefetch(compress_one, loaded, window=lanes + 1, workers=lanes)):
+                entries[spec.key] = self._record(spec, stored, scan.digest(spec.key), lease, uploads)
                 progress("compress", i + 1, len(todo))
-            uploads.wait()
+            uploads.release()
+            background.wait()
         result = [entries[s.key] for s in specs]
         if rule.mode == "budget":
             total = sum({e.blob.digest: e.blob.size for e in result if e.blob}.values())
@@ -355,7 +370,7 @@ class Registry:
             plan = topped
         return stored
 
-    def _record(self, spec: TensorSpec, stored: deltas.Stored, tdigest: str, lease: Lease, uploads: Background) -> NewEntry:
+    def _record(self, spec: TensorSpec, stored: deltas.Stored, tdigest: str, lease: Lease, uploads: HeldUploads) -> NewEntry:
         blob = None
         if stored.data is not None:
             blob = BlobRecord(stored.digest, len(stored.data), stored.raw_size)
@@ -435,7 +450,8 @@ class Registry:
         output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
         layout = _output_layout(pushed, output, format)
         specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
-        tensors = self._rebuild(entries, base, dev, progress)
+        # The rebuild runs a tensor ahead of the writer: matrix products and file writes overlap.
+        tensors = ahead(self._rebuild(entries, base, dev, progress))
         checked = _DigestCheck(info.ref, entries) if verify else None
         if checked is not None:
             tensors = checked.wrap(tensors)
@@ -624,7 +640,7 @@ def _as_ref(ref: str | Ref) -> Ref:
     return parse_ref(ref) if isinstance(ref, str) else ref
 
 
-def _manifest_digest(scanned: _Scanned) -> str:
+def _manifest_digest(scanned: Scanned) -> str:
     h = hashlib.sha256()
     for spec in scanned.specs:
         h.update(f"{spec.key}\0{scanned.digests[spec.key]}\n".encode())
@@ -643,11 +659,11 @@ def _is_file_key(key: str, t: BaseTensor) -> bool:
     return t.dtype == "uint8" and len(t.shape) == 1 and "/" in key
 
 
-def _changed(scanned: _Scanned, base: dict[str, BaseTensor]) -> list[TensorSpec]:
+def _changed(scanned: Scanned, base: dict[str, BaseTensor]) -> list[TensorSpec]:
     return [s for s in scanned.specs if s.key not in base or scanned.digests[s.key] != base[s.key].tensor_digest]
 
 
-def _mismatch(scanned: _Scanned, base: dict[str, BaseTensor]) -> str | None:
+def _mismatch(scanned: Scanned | Scan, base: dict[str, BaseTensor]) -> str | None:
     """Why a checkpoint does not fit a base, or None. A pipeline's files need not match: they are stored whole."""
     keys = {s.key for s in scanned.specs}
     # A pipeline may leave out whole components of its base (a fine-tune saved without the safety checker).

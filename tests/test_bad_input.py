@@ -260,3 +260,20 @@ def test_a_blob_that_would_inflate_past_its_recorded_size_is_refused():
     assert len(bomb) < 10_000
     with pytest.raises(IntegrityError):
         decode(bomb, 1000)
+
+
+def test_a_bad_last_tensor_uploads_nothing_even_when_compression_is_far_ahead(home, models, tmp_path, monkeypatch):
+    """The scan runs beside compression; uploads wait for it, here from the first blob on."""
+    from registry import scan
+
+    monkeypatch.setattr(scan, "HELD_LIMIT", 0)
+    from registry.checkpoint import open_checkpoint
+
+    sd = dict(models.ft_sd)
+    with open_checkpoint(models.ft) as ckpt:
+        last = [s.key for s in ckpt.specs if sd[s.key].is_floating_point()][-1]  # the last the scan reads
+    w = sd[last].clone()
+    w.reshape(-1)[-1] = float("nan")
+    sd[last] = w
+    save_file(sd, tmp_path / "late-nan.safetensors")
+    _fails(home, "push", tmp_path / "late-nan.safetensors", code=4, match=last)

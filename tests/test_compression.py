@@ -324,3 +324,35 @@ def test_a_real_finetune_of_another_model_compresses_by_every_rule(reg, tmp_path
     for name, opts in {"e": {"energy": 0.5}, "m": {"max_error": 0.2}, "b": {"budget": "30kB"}, "x": {"exact": True}}.items():
         sizes[name] = reg.push(tmp_path / "f.safetensors", f"o-{name}", encoding="int8", **opts).stored_bytes
     assert sizes["b"] <= 30_000 and sizes["x"] > sizes["e"]
+
+
+def test_blobs_decode_to_writable_views_whatever_the_alignment():
+    """One buffer, tensors as views of it; a tensor whose offset is not a multiple of its item size is copied."""
+    tensors = {
+        "a_bytes": torch.arange(7, dtype=torch.uint8),  # 7 bytes: what follows is misaligned
+        "b_float": torch.randn(3, 5),
+        "c_half": torch.randn(4).half(),
+        "d_bool": torch.tensor([True, False, True]),
+        "e_empty": torch.zeros(0, 3),
+        "f_long": torch.arange(5),
+    }
+    blob, raw = codec.encode(tensors)
+    out = codec.decode(blob, raw)
+    assert set(out) == set(tensors)
+    for key, t in tensors.items():
+        assert out[key].dtype == t.dtype and torch.equal(out[key], t), key
+    out["b_float"] += 1  # rebuild adds to the decoded base tensor in place
+    assert torch.equal(out["b_float"], tensors["b_float"] + 1)
+
+
+def test_a_blob_whose_header_lies_about_its_tensors_is_refused():
+    import json
+    import struct
+
+    import zstandard
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    raw = struct.pack("<Q", len(header)) + header + bytes(16)
+    blob = zstandard.ZstdCompressor().compress(raw)
+    with pytest.raises(IntegrityError):
+        codec.decode(blob, len(raw))

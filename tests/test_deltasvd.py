@@ -108,3 +108,27 @@ def test_svd_retries_in_fp64_where_fp32_does_not_converge(monkeypatch):
     assert u.dtype == s.dtype == vh.dtype == torch.float32
     assert torch.allclose((u * s) @ vh, m, atol=1e-4)
     assert deltasvd.Spectrum(m, "svd").full_rank == 40
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (5, 9), (9, 5), (300, 1000), (1000, 300), (257, 2049)])
+def test_gram_lower_triangle_equals_the_full_product_in_fp64(monkeypatch, shape):
+    """Row blocks and fp64 column chunks (forced small here) give the full product's lower triangle."""
+    monkeypatch.setattr(deltasvd, "GRAM_CHUNK", 1000)
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    m64 = m.double()
+    full = m64 @ m64.T if shape[0] <= shape[1] else m64.T @ m64
+    gram = deltasvd._gram(m)
+    assert gram.dtype == torch.float64 and gram.shape == full.shape
+    assert torch.allclose(torch.tril(gram), torch.tril(full), rtol=1e-12, atol=1e-9 * float(full.abs().max()))
+
+
+def test_chunked_gram_keeps_the_exact_ranks_of_a_rank_deficient_delta(monkeypatch):
+    """The case fp32 Gram matrices get wrong: a merged LoRA, exactly low rank, with zero singular values."""
+    monkeypatch.setattr(deltasvd, "GRAM_CHUNK", 4096)
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(200, 24, generator=g) @ torch.randn(24, 700, generator=g)
+    s = torch.linalg.svdvals(delta.double())
+    for tau in (0.2, 0.5, 0.8, 0.99):
+        spectrum = deltasvd.Spectrum(delta)
+        assert deltasvd.energy_rank(spectrum.s, tau) == deltasvd.energy_rank(s, tau)
+        assert float(spectrum.s[24:].sum()) < 1e-6 * float(s.sum())
