@@ -13,6 +13,10 @@ Two ways to get there:
   singular values at a fraction of the cost; the kept vectors of the other side are recovered by
   projecting ΔW onto them, so A·B is exactly the projection of ΔW onto the top-t subspace.
 
+On the CPU the eigenvalues and the top eigenvectors come from :mod:`registry.eigen` (LAPACK's
+tridiagonal solvers, forming only the t vectors kept); on a GPU, ``torch.linalg.eigh`` runs on
+the device.
+
 The Gram matrix is the push's largest cost. It is formed in fp64 because fp32 rounding turns each
 zero singular value into about sqrt(eps32)·σ₁, and a merged LoRA or a low-rank fine-tune has
 hundreds of those: their spurious sum moves the energy threshold by a rank or more. Only its lower
@@ -27,6 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Imported eagerly, not at first use: threads_per_lane can only limit the threads of a BLAS that
+# is already loaded, and SciPy's OpenBLAS comes with this import.
+from .eigen import Tridiagonal
 
 METHODS = ("gram", "svd")
 
@@ -75,7 +83,10 @@ def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
             return torch.linalg.svdvals(matrix.float())
         except torch.linalg.LinAlgError:  # as in svd()
             return torch.linalg.svdvals(matrix.double()).float()
-    return torch.linalg.eigvalsh(_gram(matrix), UPLO="L").flip(0).clamp_min(0).sqrt()
+    gram = _gram(matrix)
+    if gram.device.type == "cpu":
+        return Tridiagonal(gram).values.clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(gram, UPLO="L").flip(0).clamp_min(0).sqrt()
 
 
 class Spectrum:
@@ -94,21 +105,27 @@ class Spectrum:
         self.method = method
         d, k = self.matrix.shape
         self.full_rank = min(d, k)
+        self._tridiagonal: Tridiagonal | None = None
         if method == "svd":
             self._u, s, self._vh = svd(self.matrix)
             self.s = s.double()
         else:
             # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
-            eigenvalues, eigenvectors = torch.linalg.eigh(_gram(self.matrix), UPLO="L")
-            self.s = eigenvalues.flip(0).clamp_min(0).sqrt()
-            self._top = eigenvectors.flip(1)
+            gram = _gram(self.matrix)
+            if gram.device.type == "cpu":
+                self._tridiagonal = Tridiagonal(gram)
+                self.s = self._tridiagonal.values.clamp_min(0).sqrt()
+            else:
+                eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="L")
+                self.s = eigenvalues.flip(0).clamp_min(0).sqrt()
+                self._eigenvectors = eigenvectors.flip(1)
 
     def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in fp32 with A·B the best rank-t approximation: A = U_tΣ_t, B = V_tᵀ."""
         if self.method == "svd":
             return self._u[:, :t] * self._s32[:t], self._vh[:t]
         d, k = self.matrix.shape
-        top = self._top[:, :t].float()
+        top = self._top(t).float()
         if d <= k:
             # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
             projected = top.T @ self.matrix
@@ -120,6 +137,12 @@ class Spectrum:
     @property
     def _s32(self) -> torch.Tensor:
         return self.s.float()
+
+    def _top(self, t: int) -> torch.Tensor:
+        """The Gram matrix's top t eigenvectors, descending, in fp64."""
+        if self._tridiagonal is not None:
+            return self._tridiagonal.top(t)
+        return self._eigenvectors[:, :t]
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
+from threadpoolctl import threadpool_limits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -93,16 +94,20 @@ class MemoryGate:
 
 @contextmanager
 def threads_per_lane(lanes: int) -> Iterator[None]:
-    """Split torch's CPU threads among ``lanes`` parallel jobs, and restore the setting after.
+    """Split torch's CPU threads, and SciPy's BLAS threads, among ``lanes`` parallel jobs, and
+    restore both settings after.
 
     On two cores, two decompositions side by side with one thread each beat one with two: the
     eigensolver's serial parts leave the second thread idle, and a thread descheduled for I/O
-    stalls a two-thread team at every barrier.
+    stalls a two-thread team at every barrier. SciPy's OpenBLAS (the eigensolver, registry.eigen)
+    has a pool of its own, which would otherwise start a thread per core beside torch's.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // lanes))
+    per_lane = max(1, before // lanes)
+    torch.set_num_threads(per_lane)
     try:
-        yield
+        with threadpool_limits(limits=per_lane, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

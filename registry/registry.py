@@ -47,7 +47,8 @@ TOPUP_MIN = 0.01
 
 # Layers decomposed side by side on the CPU, and the bytes of tensors they may hold together.
 COMPRESS_LANES = 2
-COMPRESS_MEMORY = 900 << 20
+COMPRESS_AHEAD = 3
+COMPRESS_MEMORY = 800 << 20
 
 # A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
 DETECT_MARGIN = 0.5
@@ -285,16 +286,19 @@ class Registry:
             done = {s.key: deltas.Stored("base") for s in specs if s not in changed}
             done.update(self._compress_to_budget(load, changed, rule, encoding, method, device, progress))
         entries: dict[str, NewEntry] = {}
-        # On the CPU, LANES layers are decomposed side by side (see threads_per_lane), one more is read
-        # ahead, and the memory gate keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target at
-        # SD1.5 size): the largest layers go one at a time.
+        # On the CPU, LANES layers are decomposed side by side (see threads_per_lane). Layers are read
+        # up to COMPRESS_AHEAD past the oldest one still running, so that a lane that finishes a small
+        # layer takes the next one rather than waiting for a large one to be recorded in order; the
+        # memory gate, not the window, keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target).
         lanes = COMPRESS_LANES if device.type == "cpu" else 1
         gate = MemoryGate(COMPRESS_MEMORY)
 
         def gated_load(spec: TensorSpec):
             if unchanged(spec):
                 return spec, None, None, 0
-            weight = 4 * numel(spec.shape) * 4  # fine-tune, base, delta and residual, in fp32
+            # Fine-tune, base, delta and residual in fp32, and the factors being formed: at τ 0.8 they
+            # and their projection hold as much again as one of those.
+            weight = 5 * numel(spec.shape) * 4
             gate.acquire(weight)
             try:
                 return (*load(spec), weight)
@@ -317,7 +321,7 @@ class Registry:
                 entries[key] = self._record(scan.specs_by_key[key], stored, scan.digest(key), lease, uploads)
             todo = [s for s in specs if s.key not in done]
             loaded = prefetch(gated_load, todo, window=1, workers=1)
-            for i, (spec, stored) in enumerate(prefetch(compress_one, loaded, window=lanes + 1, workers=lanes)):
+            for i, (spec, stored) in enumerate(prefetch(compress_one, loaded, window=lanes + COMPRESS_AHEAD, workers=lanes)):
                 entries[spec.key] = self._record(spec, stored, scan.digest(spec.key), lease, uploads)
                 progress("compress", i + 1, len(todo))
             uploads.release()

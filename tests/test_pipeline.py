@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
 from registry.pipeline import MemoryGate, ahead, prefetch, threads_per_lane
 
@@ -80,3 +81,19 @@ def test_threads_per_lane_splits_and_restores_torch_threads():
             assert torch.get_num_threads() == max(1, before // 2)
             raise RuntimeError("push failed")
     assert torch.get_num_threads() == before
+
+
+def test_threads_per_lane_also_limits_the_eigensolvers_blas():
+    """SciPy's OpenBLAS (registry.eigen) is loaded with the library, so the limit reaches it: lanes
+    that each start a BLAS thread per core would oversubscribe the cores they share."""
+    import registry  # noqa: F401  (loads registry.eigen, and SciPy's OpenBLAS with it)
+
+    def eigensolver_threads() -> list[int]:
+        # SciPy's wheels bundle their OpenBLAS in scipy.libs (NumPy's, also a scipy_openblas, in numpy.libs).
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "scipy.libs" in p["filepath"]]
+
+    assert eigensolver_threads(), "SciPy's BLAS is not loaded by importing registry"
+    before = eigensolver_threads()
+    with threads_per_lane(2):
+        assert set(eigensolver_threads()) == {max(1, torch.get_num_threads())}
+    assert eigensolver_threads() == before
