@@ -45,7 +45,8 @@ Progress = Callable[[str, int, int], None]
 TOPUP_ROUNDS = 2
 TOPUP_MIN = 0.01
 
-# Layers decomposed side by side on the CPU, and the bytes of tensors they may hold together.
+# Layers decomposed side by side on the CPU, how many more may start past the oldest one still
+# running, and the bytes of tensors they may hold together.
 COMPRESS_LANES = 2
 COMPRESS_AHEAD = 3
 COMPRESS_MEMORY = 800 << 20

@@ -84,9 +84,8 @@ def test_threads_per_lane_splits_and_restores_torch_threads():
 
 
 def test_threads_per_lane_also_limits_the_eigensolvers_blas():
-    """SciPy's OpenBLAS (registry.eigen) is loaded with the library, so the limit reaches it: lanes
-    that each start a BLAS thread per core would oversubscribe the cores they share."""
-    import registry  # noqa: F401  (loads registry.eigen, and SciPy's OpenBLAS with it)
+    """SciPy's OpenBLAS (registry.eigen) is loaded with the library (imported above), so the limit
+    reaches it: lanes that each start a BLAS thread per core would oversubscribe the cores they share."""
 
     def eigensolver_threads() -> list[int]:
         # SciPy's wheels bundle their OpenBLAS in scipy.libs (NumPy's, also a scipy_openblas, in numpy.libs).
