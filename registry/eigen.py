@@ -69,9 +69,9 @@ class Tridiagonal:
 
     def __init__(self, matrix: torch.Tensor):
         """``matrix``: n × n fp64 on the CPU, row-major, its lower triangle filled; it is overwritten."""
-        n = self.n = matrix.shape[0]
-        if matrix.dim() != 2 or n < 1 or matrix.shape != (n, n) or matrix.dtype != torch.float64 or not matrix.is_contiguous():
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.numel() == 0 or matrix.dtype != torch.float64 or not matrix.is_contiguous():
             raise ValueError("Tridiagonal needs a contiguous square fp64 matrix")
+        n = self.n = matrix.shape[0]
         # Row-major with the lower triangle filled is column-major with the upper one: LAPACK reads
         # it in place with uplo "U", and leaves its Householder vectors above the superdiagonal.
         self._a = matrix.numpy()
