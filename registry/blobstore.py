@@ -15,12 +15,13 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import redact
+from .directio import Buffer, read_whole
 from .errors import IntegrityError, StoreError, first_line
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,19 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(data: bytes | memoryview, digest: str) -> None:
+    actual = sha256_hex(data)
+    if actual != digest:
+        raise IntegrityError(f"blob {digest[:12]} is corrupt: its {len(data)} bytes hash to {actual[:12]}; run `dsreg verify --full`")
+
+
+def read_verified(path: str | os.PathLike, digest: str, buffer_for: Callable[[int], Buffer]) -> memoryview:
+    """The bytes of the file at ``path``, read into ``buffer_for(n)``, once they hash to ``digest``."""
+    view = read_whole(path, buffer_for)
+    check_digest(view, digest)
+    return view
 
 
 @dataclass(frozen=True)
@@ -90,13 +104,20 @@ class BlobStore:
         try:
             data = self._call(self.fs.cat_file, path)
         except FileNotFoundError:
-            raise IntegrityError(f"blob {digest[:12]} is missing from the store; run `dsreg verify`") from None
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise IntegrityError(
-                f"blob {digest[:12]} is corrupt: its {len(data)} bytes hash to {actual[:12]}; run `dsreg verify --full`"
-            )
+            raise _missing(digest) from None
+        check_digest(data, digest)
         return data
+
+    def read_into(self, digest: str, buffer_for: Callable[[int], Buffer]) -> memoryview:
+        """Like :meth:`get`, but a local object is read into ``buffer_for(size)``, a buffer the
+        caller reuses: a checkout reads the whole base, and a fresh buffer for each tensor cost
+        page faults on every byte of it."""
+        if not self.local:
+            return memoryview(self.get(digest))
+        try:
+            return read_verified(self.path(digest), digest, buffer_for)
+        except FileNotFoundError:
+            raise _missing(digest) from None
 
     def delete(self, digest: str) -> None:
         try:
@@ -151,6 +172,10 @@ class BlobStore:
             raise
         except _STORE_ERRORS as exc:
             raise StoreError(f"object store {redact(self.url)}: {redact(first_line(exc))}") from None
+
+
+def _missing(digest: str) -> IntegrityError:
+    return IntegrityError(f"blob {digest[:12]} is missing from the store; run `dsreg verify`")
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:

@@ -12,8 +12,11 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
-from .blobstore import BlobStore, sha256_hex
+from .blobstore import BlobStore, read_verified, sha256_hex
+from .directio import Buffer
+from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,35 @@ class BlobCache:
             data = None
         if data is not None:
             if sha256_hex(data) == digest:
-                try:
-                    os.utime(path)  # mtime is the LRU clock
-                except FileNotFoundError:  # evicted by another thread since the read: the bytes are good
-                    pass
+                self._touch(path)
                 return data
             log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
             path.unlink(missing_ok=True)
         data = self.store.get(digest)
         self._put(path, data)
         return data
+
+    def read_into(self, digest: str, buffer_for: Callable[[int], Buffer]) -> memoryview:
+        """Like :meth:`BlobStore.read_into`: a good cached copy is read into ``buffer_for(size)``."""
+        path = self._path(digest)
+        try:
+            view = read_verified(path, digest, buffer_for)
+            self._touch(path)
+            return view
+        except FileNotFoundError:
+            pass
+        except IntegrityError:
+            log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
+            path.unlink(missing_ok=True)
+        data = self.store.get(digest)
+        self._put(path, data)
+        return memoryview(data)
+
+    def _touch(self, path: Path) -> None:
+        try:
+            os.utime(path)  # mtime is the LRU clock
+        except FileNotFoundError:  # evicted by another thread since the read: the bytes are good
+            pass
 
     def _put(self, path: Path, data: bytes) -> None:
         if len(data) > self.max_bytes:

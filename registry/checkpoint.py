@@ -18,6 +18,7 @@ import tempfile
 import threading
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path, PurePosixPath
@@ -25,8 +26,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from . import directio
 from .codec import DTYPES, SAFETENSORS_CODES, dtype_name
 from .errors import CheckpointError, UnsafeCheckpoint, first_line
+from .pipeline import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -476,26 +479,85 @@ def source_digest(path: str | os.PathLike, files: Iterable[Path] | None = None) 
 
 def write_safetensors(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], metadata: dict | None = None) -> None:
     """Stream tensors into a safetensors file: the header is known up front, so nothing is held whole."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for spec in specs:
-        header[spec.key] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    header, _ = _safetensors_header(specs, metadata)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+        fh.write(header)
         count = 0
         for spec, tensor in zip(specs, tensors):
-            if dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(f"tensor {spec.key}: got {tensor.dtype} {tuple(tensor.shape)}, expected {spec.dtype} {spec.shape}")
+            _check_tensor(spec, tensor)
             fh.write(_bytes_of(tensor))
             count += 1
         if count != len(specs):
             raise ValueError(f"expected {len(specs)} tensors, got {count}")
+
+
+def fill_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    fill: Callable[[int, torch.Tensor], None],
+    metadata: dict | None = None,
+    workers: int = 2,
+    done: Callable[[int], None] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors are formed in any order: ``fill(i, out)`` writes
+    tensor i into ``out`` (of its spec's dtype and shape) on one of ``workers`` threads, largest
+    tensors first, and each is written at its offset as soon as it is formed. ``done(count)`` is
+    called on this thread as tensors finish.
+
+    Each thread forms its tensors in one buffer of its own, reused, so no tensor costs fresh
+    memory; the file is written with direct I/O where the filesystem allows (registry.directio).
+    """
+    header, offsets = _safetensors_header(specs, metadata)
+    with Scratch() as scratch, directio.DirectFile(path, len(header) + sum(spec.nbytes for spec in specs)) as out_file:
+        first = scratch(len(header))
+        first[: len(header)] = header
+        out_file.write(0, memoryview(first)[: len(header)])
+
+        def place(i: int) -> None:
+            spec, dtype = specs[i], DTYPES[specs[i].dtype]
+            start = len(header) + offsets[i]
+            phase = out_file.phase(start)
+            data = memoryview(scratch(phase + spec.nbytes))[phase : phase + spec.nbytes]
+            if spec.nbytes and phase % torch.empty(0, dtype=dtype).element_size() == 0:
+                fill(i, torch.frombuffer(data, dtype=dtype).view(spec.shape))
+            else:  # a view must start at a multiple of the item size
+                out = torch.empty(spec.shape, dtype=dtype)
+                fill(i, out)
+                data[:] = _bytes_of(out)
+            out_file.write(start, data)
+
+        order = sorted(range(len(specs)), key=lambda i: -specs[i].nbytes)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(place, i) for i in order]
+            try:
+                for count, future in enumerate(as_completed(futures), 1):
+                    future.result()
+                    if done is not None:
+                        done(count)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+
+def _safetensors_header(specs: list[TensorSpec], metadata: dict | None) -> tuple[bytes, list[int]]:
+    """The length prefix and JSON header of a safetensors file of ``specs``, and each tensor's data offset."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offsets, offset = [], 0
+    for spec in specs:
+        header[spec.key] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offsets.append(offset)
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offsets
+
+
+def _check_tensor(spec: TensorSpec, tensor: torch.Tensor) -> None:
+    if dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+        raise ValueError(f"tensor {spec.key}: got {tensor.dtype} {tuple(tensor.shape)}, expected {spec.dtype} {spec.shape}")
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
 import safetensors.torch
 import torch
@@ -77,39 +79,78 @@ def decode(data: bytes, raw_size: int, name: str = "blob") -> dict[str, torch.Te
     The frame is inflated straight into one buffer and the tensors are views of it: a checkout
     decodes the whole base, and a second copy (``safetensors.torch.load``) cost a tenth of its time.
     """
+    raw = torch.empty(raw_size, dtype=torch.uint8)
+    with _inflating(data, raw_size, name) as reader:
+        _read_exactly(reader, memoryview(raw.numpy()), name)
+        _check_end(reader, raw_size, name)
+    header_size = _header_size(raw[:8].numpy().tobytes(), raw_size, name)
+    return _views(raw[8 + header_size :], _entries(raw[8 : 8 + header_size].numpy().tobytes(), name), name)
+
+
+def decode_into(data: bytes | memoryview, raw_size: int, out: torch.Tensor, name: str = "blob") -> None:
+    """Inflate a blob of one tensor (a base tensor's) straight into ``out``, which must match it.
+
+    A checkout hands ``out`` as a view of the output file, so the weights are copied once, from
+    the stored frame to their place in the checkpoint.
+    """
+    with _inflating(data, raw_size, name) as reader:
+        prefix = bytearray(8)
+        _read_exactly(reader, memoryview(prefix), name)
+        header = bytearray(_header_size(bytes(prefix), raw_size, name))
+        _read_exactly(reader, memoryview(header), name)
+        entries = _entries(bytes(header), name)
+        nbytes = out.numel() * out.element_size()
+        if len(entries) != 1 or entries[0][3] != out.dtype or entries[0][4] != tuple(out.shape) or 8 + len(header) + nbytes != raw_size:
+            raise IntegrityError(f"{name} does not hold one {dtype_name(out.dtype)} tensor of shape {list(out.shape)}")
+        if nbytes:
+            _read_exactly(reader, memoryview(out.reshape(-1).view(torch.uint8).numpy()), name)
+        _check_end(reader, raw_size, name)
+
+
+@contextmanager
+def _inflating(data, raw_size: int, name: str) -> Iterator:
+    """A zstd stream reader over ``data``, with every decoder failure raised as IntegrityError."""
     try:
         params = zstandard.get_frame_parameters(data)
         if params.content_size not in (raw_size, zstandard.CONTENTSIZE_UNKNOWN):
             raise IntegrityError(f"{name} declares {params.content_size} bytes, the catalog recorded {raw_size}")
-        raw = torch.empty(raw_size, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
-        got = 0
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            while got < raw_size:
-                n = reader.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            more = reader.read(1)
-        if got != raw_size or more:
-            raise IntegrityError(f"{name} inflates to {'more than ' if more else ''}{got} bytes, the catalog recorded {raw_size}")
-        return _views(raw, name)
+            yield reader
     except IntegrityError:
         raise
     except Exception as exc:  # zstd raises its own types for malformed input
         raise IntegrityError(f"{name} cannot be decoded: {exc}") from None
 
 
-def _views(raw: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors bytes, as views of ``raw``; the header is checked, not trusted."""
-    size = raw.numel()
-    n = int.from_bytes(raw[:8].numpy().tobytes(), "little") if size >= 8 else -1
-    if not 0 <= n <= size - 8:
-        raise IntegrityError(f"{name} is not a safetensors blob: header length {n} in {size} bytes")
-    header = json.loads(raw[8 : 8 + n].numpy().tobytes())
+def _read_exactly(reader, view: memoryview, name: str) -> None:
+    got = 0
+    while got < len(view):
+        n = reader.readinto(view[got:])
+        if not n:
+            raise IntegrityError(f"{name} inflates to fewer bytes than the catalog recorded")
+        got += n
+
+
+def _check_end(reader, raw_size: int, name: str) -> None:
+    if reader.read(1):
+        raise IntegrityError(f"{name} inflates to more than the {raw_size} bytes the catalog recorded")
+
+
+def _header_size(prefix: bytes, raw_size: int, name: str) -> int:
+    n = int.from_bytes(prefix, "little") if raw_size >= 8 else -1
+    if not 0 <= n <= raw_size - 8:
+        raise IntegrityError(f"{name} is not a safetensors blob: header length {n} in {raw_size} bytes")
+    return n
+
+
+def _entries(header_bytes: bytes, name: str) -> list[tuple[int, int, str, torch.dtype, tuple[int, ...]]]:
+    """The tensors a safetensors header lists, in data order; the header is checked, not trusted."""
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        header = None
     if not isinstance(header, dict):
         raise IntegrityError(f"{name} has a malformed header")
-    start = 8 + n
     entries = []
     for key, info in header.items():
         if key == "__metadata__":
@@ -120,19 +161,27 @@ def _views(raw: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"{name} has a malformed header entry {key!r}") from None
         entries.append((lo, hi, key, dtype, shape))
-    out: dict[str, torch.Tensor] = {}
+    entries.sort(key=lambda e: e[:2])
     end = 0
-    for lo, hi, key, dtype, shape in sorted(entries, key=lambda e: e[:2]):
+    for lo, hi, key, dtype, shape in entries:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if lo != end or min(shape, default=0) < 0 or hi - lo != _numel(shape) * itemsize:
             raise IntegrityError(f"{name}: tensor {key!r} does not match its header")
-        chunk = raw[start + lo : start + hi]
-        if (start + lo) % itemsize:
+        end = hi
+    return entries
+
+
+def _views(data: torch.Tensor, entries, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors data section, as views of ``data``."""
+    end = entries[-1][1] if entries else 0
+    if end != data.numel():
+        raise IntegrityError(f"{name}: the header covers {end} of {data.numel()} data bytes")
+    out: dict[str, torch.Tensor] = {}
+    for lo, hi, key, dtype, shape in entries:
+        chunk = data[lo:hi]
+        if chunk.storage_offset() % torch.empty(0, dtype=dtype).element_size():
             chunk = chunk.clone()  # a view must start at a multiple of the item size
         out[key] = chunk.view(dtype).reshape(shape)
-        end = hi
-    if start + end != size:
-        raise IntegrityError(f"{name}: the header covers {start + end} of {size} bytes")
     return out
 
 

@@ -110,32 +110,41 @@ def compress(
     return _stored(chosen, full_rank)
 
 
-def rebuild(kind: str, dtype: torch.dtype, shape: tuple[int, ...], bt: torch.Tensor | None, stored: dict | None, device) -> torch.Tensor:
-    """The tensor an entry stands for, on the CPU, in ``dtype``. W + ΔW is formed in fp32 on ``device``."""
-    if kind in ("base", "dropped"):
-        return bt.to(dtype)
+def rebuild(kind: str, dtype: torch.dtype, bt: torch.Tensor | None, stored: dict | None, device) -> torch.Tensor:
+    """The tensor an entry stands for, on the CPU, in ``dtype``; ``bt``, the base tensor, may be changed in place."""
     if kind == "full":
         return stored["tensor"]
-    if kind == "sparse":
-        w = bt.to(dtype).reshape(shape[0], -1).clone()
-        w[stored["rows"]] = stored["values"].reshape(stored["rows"].numel(), -1)
-        return w.reshape(shape)
-    if kind == "exact":
-        base_bits = _as_int(bt.to(dtype)).reshape(-1)
+    out = bt.to(dtype)
+    apply(kind, out, stored, device)
+    return out
+
+
+def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
+    """Turn ``out``, a contiguous CPU tensor holding the base tensor in the entry's dtype, into the
+    entry's tensor in place. W + ΔW is formed in fp32 on ``device``."""
+    if kind in ("base", "dropped"):
+        return
+    if kind == "full":
+        out.copy_(stored["tensor"])
+    elif kind == "sparse":
+        out.view(out.shape[0], -1)[stored["rows"]] = stored["values"].reshape(stored["rows"].numel(), -1).to(out.dtype)
+    elif kind == "exact":
+        bits = _as_int(out).view(-1)
         planes = stored["xor"]  # (itemsize, n) bytes, little-endian order
-        xor = planes.T.contiguous().view(base_bits.dtype).reshape(-1)
-        return (base_bits ^ xor).view(dtype).reshape(shape)
-    # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
-    w = bt.to(device=device, dtype=torch.float32)
-    if kind == "dense":
-        w += stored["delta"].to(device=device, dtype=torch.float32).reshape(w.shape)
-    elif kind == "lowrank":
-        a, b = encodings.decode_factors(stored)
-        w = w.reshape(w.shape[0], -1)
-        w.addmm_(a.to(device), b.to(device))
+        bits ^= planes.T.contiguous().view(bits.dtype).reshape(-1)
+    elif kind in ("dense", "lowrank"):
+        # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
+        in_place = out.dtype == torch.float32 and torch.device(device).type == "cpu"
+        w = out if in_place else out.to(device=device, dtype=torch.float32)
+        if kind == "dense":
+            w += stored["delta"].to(device=device, dtype=torch.float32).reshape(w.shape)
+        else:
+            a, b = encodings.decode_factors(stored)
+            w.view(w.shape[0], -1).addmm_(a.to(device), b.to(device))
+        if not in_place:
+            out.copy_(w)
     else:
         raise ValueError(f"unknown entry kind {kind!r}")
-    return w.reshape(shape).to(dtype).cpu()
 
 
 def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Tensor | None:

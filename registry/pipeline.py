@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections import deque
@@ -69,6 +70,44 @@ def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+class Scratch:
+    """A buffer per thread, reused from item to item, for work over many large items.
+
+    A fresh buffer per tensor costs page faults on every byte of it (and, in a VM, faults on the
+    host); one per thread costs them once. Handing out the largest items first makes the first
+    buffer of each thread the last it needs.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+        self._made: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, size: int) -> mmap.mmap:
+        """This thread's buffer, of at least ``size`` bytes, page-aligned; what it held is gone."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self._local.buffer = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+            with self._lock:
+                self._made.append(buffer)
+        return buffer
+
+    def close(self) -> None:
+        with self._lock:
+            for buffer in self._made:
+                try:
+                    buffer.close()
+                except BufferError:  # still viewed (a failure's traceback): the collector frees it
+                    pass
+            self._made.clear()
+
+    def __enter__(self) -> "Scratch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class MemoryGate:

@@ -106,6 +106,21 @@ def test_checkout_format_follows_the_output_suffix(reg_base, models, tmp_path):
     _assert_same_layout(load_file(forced.path), models.ft_sd)
 
 
+@pytest.mark.parametrize("which, exact", [("ft", False), ("ft", True), ("ft_fp16", False), ("ft_bf16", True)])
+def test_in_place_and_streamed_checkouts_rebuild_the_same_bits(reg_base, models, tmp_path, which, exact):
+    # A .safetensors checkout forms tensors in the output in any order on several threads; a .ckpt
+    # one streams them in order through the same deltas. Both must give every tensor bit for bit
+    # (low-rank, dense, sparse and XOR entries; fine-tunes in the base's dtype and in another).
+    rev = reg_base.push(getattr(models, which), "both", exact=exact)
+    placed = load_file(reg_base.checkout(rev.ref, tmp_path / "a.safetensors", device="cpu").path)
+    streamed = torch.load(reg_base.checkout(rev.ref, tmp_path / "b.ckpt", device="cpu").path, weights_only=True)
+    assert placed.keys() == streamed.keys()
+    for key, tensor in placed.items():
+        other = streamed[key]
+        assert tensor.dtype == other.dtype and tensor.shape == other.shape, key
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)), key
+
+
 def test_sharded_diffusers_folder_round_trips(reg_base, models, tmp_path):
     reg_base.push(models.ft_diffusers, "folder")
     out = reg_base.checkout("folder", tmp_path / "unet")

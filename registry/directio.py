@@ -1,0 +1,169 @@
+"""Reading and writing large files around the page cache, where the filesystem allows.
+
+A checkout writes a 3.4 GB checkpoint once. Through the page cache every 4 KiB page of it is
+allocated, copied into and later written back: 2-5 s of kernel CPU on a 2-core machine, more than
+the matrix products of the rebuild, and it evicts the base blobs that the next checkout reads.
+With ``O_DIRECT`` the disk reads the writer's buffers itself (~0.4 s of CPU for the same file).
+
+Direct I/O needs block-aligned offsets, lengths and buffer addresses, and a file's pieces (tensors)
+start anywhere. So a writer hands over each piece in a buffer placed at the piece's offset within a
+block (:meth:`DirectFile.phase`): the whole blocks inside it go straight to disk, and the partial
+blocks at its two ends are assembled in memory with the neighbours' ends and written on close.
+Where ``O_DIRECT`` is refused (tmpfs, some network filesystems, macOS) the same calls write
+through the page cache.
+
+Reading is the same trade: :func:`read_whole` takes a file from the page cache when all of it is
+there already (a base read moments ago), and from the disk itself otherwise, which spares the
+kernel the allocation of a page for every 4 KiB read (cold reads of a base's 3.4 GB cost 0.3 s
+of CPU direct and 3-5 s through the page cache on the test machine).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Callable, Union
+
+BLOCK = 4096
+
+Buffer = Union[bytearray, mmap.mmap]
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous memory of ``size`` bytes (at least one block), starting on a page boundary."""
+    return mmap.mmap(-1, max(size, BLOCK))
+
+
+def read_whole(path: str | os.PathLike, buffer_for: Callable[[int], Buffer]) -> memoryview:
+    """The bytes of the file at ``path``, read into ``buffer_for(n)`` (n: the size rounded up to a
+    block). Direct reads need a page-aligned buffer (:func:`aligned_buffer`); with any other
+    buffer the file is read through the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        view = memoryview(buffer_for(-(-size // BLOCK) * BLOCK)).cast("B")
+        if size == 0 or _read_cached(fd, view[:size]) or _read_direct(path, view, size):
+            return view[:size]
+        return view[: _read_all(fd, view[:size])]
+    finally:
+        os.close(fd)
+
+
+def _read_cached(fd: int, view: memoryview) -> bool:
+    """Whether all of the file came from the page cache, without waiting for the disk."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    try:
+        return os.preadv(fd, [view], 0, nowait) == len(view)
+    except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: a filesystem without RWF_NOWAIT
+        return False
+
+
+def _read_direct(path: str | os.PathLike, view: memoryview, size: int) -> bool:
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | direct)
+    except OSError:
+        return False
+    try:
+        return _read_all(fd, view) == size  # a direct read stops short at the end of the file
+    except OSError:  # EINVAL: a buffer or filesystem that direct I/O does not take
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, view: memoryview) -> int:
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], got)):
+        got += n
+    return got
+
+
+class DirectFile:
+    """A new file of ``size`` bytes, written in pieces at their offsets from any thread; with
+    ``direct=False``, or where the filesystem refuses ``O_DIRECT``, through the page cache."""
+
+    def __init__(self, path: str | os.PathLike, size: int, direct: bool = True):
+        self.size = size
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = getattr(os, "O_DIRECT", 0) if direct else 0
+        self.fd, self.direct = -1, False
+        if direct:
+            try:
+                self.fd, self.direct = os.open(path, flags | direct, 0o644), True
+            except OSError:
+                pass
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o644)
+        self._edges: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    def phase(self, offset: int) -> int:
+        """Where in its buffer a piece for ``offset`` must start: its offset within a block."""
+        return offset % BLOCK if self.direct else 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset``. With direct I/O, ``data`` must start ``phase(offset)`` bytes
+        past a block boundary in memory (a slice of :func:`aligned_buffer`)."""
+        data = data.cast("B")
+        end = offset + len(data)
+        if not self.direct:
+            _write_all(self.fd, data, offset)
+            return
+        lo = min(-(-offset // BLOCK) * BLOCK, end)
+        hi = max(end // BLOCK * BLOCK, lo)
+        self._keep_edge(offset, data[: lo - offset])
+        if hi > lo:
+            _write_all(self.fd, data[lo - offset : hi - offset], lo)
+        self._keep_edge(hi, data[hi - offset :])
+
+    def _keep_edge(self, offset: int, data: memoryview) -> None:
+        """Bytes of a block that other pieces share: copied into the block's image, written on close."""
+        if not len(data):
+            return
+        index, at = divmod(offset, BLOCK)
+        with self._lock:
+            block = self._edges.setdefault(index, bytearray(BLOCK))
+            block[at : at + len(data)] = data
+
+    def close(self) -> None:
+        """Write the assembled edge blocks and cut the file to its size; the file is complete after."""
+        try:
+            if self._edges:
+                indices = sorted(self._edges)
+                buffer = aligned_buffer(BLOCK)
+                try:
+                    for index in indices:
+                        buffer[:] = self._edges[index]
+                        _write_all(self.fd, memoryview(buffer), index * BLOCK)
+                finally:
+                    buffer.close()
+                self._edges.clear()
+            os.ftruncate(self.fd, self.size)  # the last edge block was written whole
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "DirectFile":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

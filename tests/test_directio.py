@@ -1,0 +1,116 @@
+"""Writing a file from pieces formed in any order, and reading whole files, around the page cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import zstandard
+
+from registry import IntegrityError
+from registry.checkpoint import TensorSpec, fill_safetensors, write_safetensors
+from registry.codec import decode_into, dtype_name, encode
+from registry.directio import BLOCK, DirectFile, aligned_buffer, read_whole
+from registry.pipeline import Scratch
+
+
+def _cuts(size: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Pieces that tile [0, size): tiny ones, ones inside one block, ones across many, empty ones."""
+    cuts, at = [], 0
+    while at < size:
+        n = min(size - at, rng.choice([0, 1, 3, 100, BLOCK - 1, BLOCK, BLOCK + 5, 3 * BLOCK + 7, 40_000]))
+        cuts.append((at, n))
+        at += n
+    return cuts
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pieces_written_in_any_order_make_the_exact_file(tmp_path, direct, seed):
+    rng = random.Random(seed)
+    size = rng.randrange(1, 200_000)
+    content = bytes(rng.randrange(256) for _ in range(size))
+    cuts = _cuts(size, rng)
+    rng.shuffle(cuts)
+    path = tmp_path / "out.bin"
+    with DirectFile(path, size, direct=direct) as out:
+        assert out.direct == direct  # this test's filesystem takes O_DIRECT
+        buffer = aligned_buffer(200_000 + BLOCK)
+        for offset, n in cuts:
+            phase = out.phase(offset)
+            buffer[phase : phase + n] = content[offset : offset + n]
+            out.write(offset, memoryview(buffer)[phase : phase + n])
+    assert path.read_bytes() == content
+
+
+def test_a_failed_write_leaves_no_descriptor_open(tmp_path):
+    with pytest.raises(RuntimeError):
+        with DirectFile(tmp_path / "out.bin", 10) as out:
+            raise RuntimeError("stop")
+    assert out.fd == -1
+
+
+@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, 3 * BLOCK + 5])
+def test_read_whole_reads_cold_and_cached_files_into_any_buffer(tmp_path, size):
+    data = bytes(random.Random(size).randrange(256) for _ in range(size))
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    with Scratch() as scratch:
+        assert bytes(read_whole(path, scratch)) == data  # page-aligned: direct, or from the page cache
+    assert bytes(read_whole(path, bytearray)) == data  # unaligned: through the page cache
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [
+        (torch.float16, (3,)), (torch.float32, (1000, 37)), (torch.int8, (5,)), (torch.float32, (7, 3)),
+        (torch.bfloat16, (4097,)), (torch.float32, ()), (torch.float32, (0, 3)), (torch.bool, (9,)), (torch.float64, (300, 30)),
+    ]
+    return {f"t{i}": (torch.randn(shape, generator=g) * 10).to(dtype) for i, (dtype, shape) in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_fill_safetensors_writes_what_the_streaming_writer_writes(tmp_path, workers):
+    # Odd-sized fp16/int8/bool tensors put the ones after them at offsets that are no multiple of
+    # their item size; each still lands byte for byte where the format puts it.
+    tensors = _tensors()
+    specs = [TensorSpec(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    values = list(tensors.values())
+    done = []
+    fill_safetensors(tmp_path / "a.safetensors", specs, lambda i, out: out.copy_(values[i]), {"k": "v"}, workers, done.append)
+    write_safetensors(tmp_path / "b.safetensors", specs, iter(values), {"k": "v"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(done) == list(range(1, len(specs) + 1))
+
+
+def test_fill_safetensors_raises_the_first_failure(tmp_path):
+    tensors = _tensors()
+    specs = [TensorSpec(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+
+    def fill(i, out):
+        if specs[i].key == "t3":
+            raise IntegrityError("t3 is damaged")
+        out.zero_()
+
+    with pytest.raises(IntegrityError, match="t3 is damaged"):
+        fill_safetensors(tmp_path / "a.safetensors", specs, fill)
+
+
+def test_decode_into_fills_a_tensor_of_the_blobs_dtype_and_shape_only():
+    tensor = torch.randn(64, 33)
+    data, raw = encode({"tensor": tensor})
+    out = torch.empty(64, 33)
+    decode_into(data, raw, out)
+    assert torch.equal(out, tensor)
+    for wrong in (torch.empty(33, 64), torch.empty(64, 33, dtype=torch.float16), torch.empty(64, 32)):
+        with pytest.raises(IntegrityError, match="does not hold one"):
+            decode_into(data, raw, wrong)
+    two, raw2 = encode({"a": tensor, "b": tensor.clone()})
+    with pytest.raises(IntegrityError, match="does not hold one"):
+        decode_into(two, raw2, torch.empty(64, 33))
+    with pytest.raises(IntegrityError):
+        decode_into(data[: len(data) // 2], raw, out)
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 64)
+    with pytest.raises(IntegrityError):
+        decode_into(frame, raw, out)
