@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 from threadpoolctl import threadpool_limits
 
+from .directio import aligned_buffer
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -89,7 +91,7 @@ class Scratch:
         """This thread's buffer, of at least ``size`` bytes, page-aligned; what it held is gone."""
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size:
-            buffer = self._local.buffer = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+            buffer = self._local.buffer = aligned_buffer(size)
             with self._lock:
                 self._made.append(buffer)
         return buffer
