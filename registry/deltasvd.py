@@ -83,10 +83,7 @@ def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
             return torch.linalg.svdvals(matrix.float())
         except torch.linalg.LinAlgError:  # as in svd()
             return torch.linalg.svdvals(matrix.double()).float()
-    gram = _gram(matrix)
-    if gram.device.type == "cpu":
-        return Tridiagonal(gram).values.clamp_min(0).sqrt()
-    return torch.linalg.eigvalsh(gram, UPLO="L").flip(0).clamp_min(0).sqrt()
+    return _GramEigen(_gram(matrix), vectors=False).s
 
 
 class Spectrum:
@@ -105,27 +102,19 @@ class Spectrum:
         self.method = method
         d, k = self.matrix.shape
         self.full_rank = min(d, k)
-        self._tridiagonal: Tridiagonal | None = None
         if method == "svd":
             self._u, s, self._vh = svd(self.matrix)
             self.s = s.double()
         else:
-            # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
-            gram = _gram(self.matrix)
-            if gram.device.type == "cpu":
-                self._tridiagonal = Tridiagonal(gram)
-                self.s = self._tridiagonal.values.clamp_min(0).sqrt()
-            else:
-                eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="L")
-                self.s = eigenvalues.flip(0).clamp_min(0).sqrt()
-                self._eigenvectors = eigenvectors.flip(1)
+            self._eigen = _GramEigen(_gram(self.matrix))
+            self.s = self._eigen.s
 
     def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in fp32 with A·B the best rank-t approximation: A = U_tΣ_t, B = V_tᵀ."""
         if self.method == "svd":
             return self._u[:, :t] * self._s32[:t], self._vh[:t]
         d, k = self.matrix.shape
-        top = self._top(t).float()
+        top = self._eigen.top(t).float()
         if d <= k:
             # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
             projected = top.T @ self.matrix
@@ -138,8 +127,27 @@ class Spectrum:
     def _s32(self) -> torch.Tensor:
         return self.s.float()
 
-    def _top(self, t: int) -> torch.Tensor:
-        """The Gram matrix's top t eigenvectors, descending, in fp64."""
+
+class _GramEigen:
+    """A Gram matrix's eigenvalues as singular values, descending, and its top eigenvectors on demand:
+    LAPACK's tridiagonal solvers on the CPU, ``torch.linalg.eigh`` on a GPU (``eigvalsh`` where
+    ``vectors`` is false)."""
+
+    def __init__(self, gram: torch.Tensor, *, vectors: bool = True):
+        self._tridiagonal: Tridiagonal | None = None
+        if gram.device.type == "cpu":
+            self._tridiagonal = Tridiagonal(gram)
+            eigenvalues = self._tridiagonal.values
+        elif vectors:
+            eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="L")
+            eigenvalues, self._eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+        else:
+            eigenvalues = torch.linalg.eigvalsh(gram, UPLO="L").flip(0)
+        # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
+        self.s = eigenvalues.clamp_min(0).sqrt()
+
+    def top(self, t: int) -> torch.Tensor:
+        """The top t eigenvectors, descending, in fp64."""
         if self._tridiagonal is not None:
             return self._tridiagonal.top(t)
         return self._eigenvectors[:, :t]

@@ -82,7 +82,7 @@ def test_spectrum_on_the_cpu_uses_it_and_matches_the_exact_svd():
     g = torch.Generator().manual_seed(3)
     delta = torch.randn(90, 30, generator=g) @ torch.randn(30, 200, generator=g)
     spectrum = deltasvd.Spectrum(delta)
-    assert spectrum._tridiagonal is not None
+    assert spectrum._eigen._tridiagonal is not None
     s = torch.linalg.svdvals(delta.double())
     assert torch.allclose(spectrum.s[:30], s[:30], rtol=1e-9)
     assert float(spectrum.s[30:].max()) < 1e-5 * float(s[0])
