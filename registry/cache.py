@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .blobstore import BlobStore, read_verified, sha256_hex
+from .blobstore import BlobStore, check_digest, read_verified
 from .directio import Buffer
 from .errors import IntegrityError
 
@@ -33,36 +33,29 @@ class BlobCache:
         return self.directory / digest[:2] / digest
 
     def get(self, digest: str) -> bytes:
-        path = self._path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            data = None
-        if data is not None:
-            if sha256_hex(data) == digest:
-                self._touch(path)
-                return data
-            log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
-            path.unlink(missing_ok=True)
-        data = self.store.get(digest)
-        self._put(path, data)
-        return data
+        return self._read(digest, lambda path: _read_checked(path, digest))
 
     def read_into(self, digest: str, buffer_for: Callable[[int], Buffer]) -> memoryview:
         """Like :meth:`BlobStore.read_into`: a good cached copy is read into ``buffer_for(size)``."""
+        return memoryview(self._read(digest, lambda path: read_verified(path, digest, buffer_for)))
+
+    def _read(self, digest: str, read: Callable[[Path], bytes | memoryview]) -> bytes | memoryview:
+        """``read(path)``: the cached copy's bytes, checked against the digest. A missing copy is
+        fetched from the store and kept; a corrupt one is dropped and fetched again."""
         path = self._path(digest)
         try:
-            view = read_verified(path, digest, buffer_for)
-            self._touch(path)
-            return view
+            data = read(path)
         except FileNotFoundError:
             pass
         except IntegrityError:
             log.warning("cached copy of blob %s is corrupt; fetching it again", digest[:12])
             path.unlink(missing_ok=True)
+        else:
+            self._touch(path)
+            return data
         data = self.store.get(digest)
         self._put(path, data)
-        return memoryview(data)
+        return data
 
     def _touch(self, path: Path) -> None:
         try:
@@ -103,3 +96,9 @@ class BlobCache:
 
     def size(self) -> int:
         return sum(size for _, size, _ in self._entries())
+
+
+def _read_checked(path: Path, digest: str) -> bytes:
+    data = path.read_bytes()
+    check_digest(data, digest)
+    return data
