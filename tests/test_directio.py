@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 
 import pytest
@@ -11,7 +13,7 @@ import zstandard
 from registry import IntegrityError
 from registry.checkpoint import TensorSpec, fill_safetensors, write_safetensors
 from registry.codec import decode_into, dtype_name, encode
-from registry.directio import BLOCK, DirectFile, aligned_buffer, read_whole
+from registry.directio import BLOCK, DirectFile, aligned_buffer, all_cached, read_whole
 from registry.pipeline import Scratch
 
 
@@ -59,6 +61,41 @@ def test_read_whole_reads_cold_and_cached_files_into_any_buffer(tmp_path, size):
     with Scratch() as scratch:
         assert bytes(read_whole(path, scratch)) == data  # page-aligned: direct, or from the page cache
     assert bytes(read_whole(path, bytearray)) == data  # unaligned: through the page cache
+
+
+def test_read_whole_returns_the_file_not_the_buffer(tmp_path):
+    # A lane's reused buffer is sized for the largest blob; a small file read into it is cut to its own length.
+    data = os.urandom(3 * BLOCK + 11)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    big = aligned_buffer(64 * BLOCK)
+    view = read_whole(path, lambda n: big)
+    assert len(view) == len(data) and bytes(view) == data
+    view.release()
+    big.close()
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(x) for x in platform.release().split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not _kernel_at_least(6, 5), reason="cachestat needs Linux 6.5")
+def test_all_cached_tells_a_cached_file_from_an_evicted_one(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(64 * BLOCK))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert all_cached(fd)  # just written: every page is in the cache
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not all_cached(fd)
+        with Scratch() as scratch:
+            assert bytes(read_whole(path, scratch)) == path.read_bytes()  # from the disk, direct
+    finally:
+        os.close(fd)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
