@@ -58,7 +58,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return self.numel * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -518,7 +518,7 @@ def fill_safetensors(
             start = len(header) + offsets[i]
             phase = out_file.phase(start)
             data = memoryview(scratch(phase + spec.nbytes))[phase : phase + spec.nbytes]
-            if spec.nbytes and phase % torch.empty(0, dtype=dtype).element_size() == 0:
+            if spec.nbytes and phase % dtype.itemsize == 0:
                 fill(i, torch.frombuffer(data, dtype=dtype).view(spec.shape))
             else:  # a view must start at a multiple of the item size
                 out = torch.empty(spec.shape, dtype=dtype)

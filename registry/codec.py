@@ -164,7 +164,7 @@ def _entries(header_bytes: bytes, name: str) -> list[tuple[int, int, str, torch.
     entries.sort(key=lambda e: e[:2])
     end = 0
     for lo, hi, key, dtype, shape in entries:
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if lo != end or min(shape, default=0) < 0 or hi - lo != _numel(shape) * itemsize:
             raise IntegrityError(f"{name}: tensor {key!r} does not match its header")
         end = hi
@@ -179,7 +179,7 @@ def _views(data: torch.Tensor, entries, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for lo, hi, key, dtype, shape in entries:
         chunk = data[lo:hi]
-        if chunk.storage_offset() % torch.empty(0, dtype=dtype).element_size():
+        if chunk.storage_offset() % dtype.itemsize:
             chunk = chunk.clone()  # a view must start at a multiple of the item size
         out[key] = chunk.view(dtype).reshape(shape)
     return out
