@@ -161,6 +161,7 @@ def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Te
 def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str, wide: int | None = None) -> _Candidate:
     a, b = spectrum.factors(t)
     tensors = encodings.encode_factors(a, b, spectrum.s, encoding, wide)
+    del a, b  # in fp32, as large as the decoded factors below: not both at once
     qa, qb = encodings.decode_factors(tensors)
     error = deltasvd.relative_error(spectrum.matrix, qa.to(spectrum.matrix.device), qb.to(spectrum.matrix.device))
     return _Candidate("lowrank", tensors, blob_bound_of(tensors), error, t, encoding)

@@ -40,6 +40,7 @@ METHODS = ("gram", "svd")
 
 GRAM_BLOCKS = 8
 GRAM_CHUNK = 1 << 22  # elements of ΔW converted to fp64 at a time
+ERROR_CHUNK = 1 << 22  # elements of the residual ΔW − A·B formed at a time
 
 
 @dataclass(frozen=True)
@@ -202,12 +203,20 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖ΔW − A·B‖_F / ‖ΔW‖_F in fp32, a block of rows at a time: the whole residual of the largest
+    SD1.5 layer would be another 118 MB beside the delta and the factors."""
     matrix = matrix.float()
     norm = torch.linalg.matrix_norm(matrix)
     if norm == 0:
         return 0.0
-    residual = torch.addmm(matrix, a.float(), b.float(), alpha=-1) if a.shape[1] else matrix  # one d×k buffer, not two
-    return float(torch.linalg.matrix_norm(residual) / norm)
+    a, b = a.float(), b.float()
+    rows = max(1, ERROR_CHUNK // max(1, matrix.shape[1]))
+    squares = torch.zeros((), dtype=torch.float64, device=matrix.device)
+    for lo in range(0, matrix.shape[0], rows):
+        block = matrix[lo : lo + rows]
+        residual = torch.addmm(block, a[lo : lo + rows], b, alpha=-1) if a.shape[1] else block
+        squares += torch.linalg.vector_norm(residual, dtype=torch.float64) ** 2
+    return float(squares.sqrt() / norm)
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:
