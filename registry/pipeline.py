@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import queue
 import threading
 from collections import deque
@@ -110,6 +112,26 @@ class Scratch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Allocations above this get mappings of their own, returned to the system when freed.
+MMAP_THRESHOLD = 8 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def return_large_frees() -> None:
+    """Fix glibc malloc's mmap threshold at MMAP_THRESHOLD, for the rest of the process.
+
+    By default the threshold rises with every large free, up to 32 MB, and the freed tensors of
+    layers decomposed in parallel then stay in the threads' malloc arenas: an SD1.5 push peaked at
+    1.4-1.6 GB RSS, against 1.1-1.2 GB with the threshold fixed, for a few seconds more of page
+    faults on fresh mappings. No-op off glibc.
+    """
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):  # not glibc
+        return
+    ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 class MemoryGate:

@@ -28,7 +28,7 @@ from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, UsageError
 from .layers import key_layout, layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
-from .pipeline import Background, MemoryGate, Scratch, ahead, prefetch, threads_per_lane
+from .pipeline import Background, MemoryGate, Scratch, ahead, prefetch, return_large_frees, threads_per_lane
 from .scan import HeldUploads, Scan, Scanned
 from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (
@@ -279,6 +279,7 @@ class Registry:
         return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
 
     def _compress(self, ckpt, scan: Scan, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
+        return_large_frees()
         specs = scan.specs
 
         def unchanged(spec: TensorSpec) -> bool:  # the scan's digest says so, without reading the base
@@ -410,6 +411,7 @@ class Registry:
             _check_choice("encoding", encoding, ENCODINGS)
         _check_choice("method", method, deltasvd.METHODS)
         progress = progress or _quiet
+        return_large_frees()
         with open_checkpoint(path) as ckpt:
             scanned = self._scan(ckpt, progress)
             base_tensors, _ = self._fitting_base(base or self._detect_base(ckpt, scanned), scanned)
