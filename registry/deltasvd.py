@@ -209,13 +209,17 @@ def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> fl
     norm = torch.linalg.matrix_norm(matrix)
     if norm == 0:
         return 0.0
+    if not a.shape[1]:
+        return 1.0
     a, b = a.float(), b.float()
     rows = max(1, ERROR_CHUNK // max(1, matrix.shape[1]))
+    residual = matrix.new_empty(min(rows, matrix.shape[0]), matrix.shape[1])  # reused: no fresh pages per block
     squares = torch.zeros((), dtype=torch.float64, device=matrix.device)
     for lo in range(0, matrix.shape[0], rows):
         block = matrix[lo : lo + rows]
-        residual = torch.addmm(block, a[lo : lo + rows], b, alpha=-1) if a.shape[1] else block
-        squares += torch.linalg.vector_norm(residual, dtype=torch.float64) ** 2
+        out = residual[: block.shape[0]]
+        torch.addmm(block, a[lo : lo + rows], b, alpha=-1, out=out)
+        squares += torch.linalg.vector_norm(out).double() ** 2
     return float(squares.sqrt() / norm)
 
 
@@ -232,8 +236,10 @@ def _gram(matrix: torch.Tensor) -> torch.Tensor:
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     # fp64 a slice of columns at a time: a whole fp64 copy of the largest SD1.5 layer is 236 MB.
     step = max(1, GRAM_CHUNK // max(n, 1))
+    chunk = torch.empty(n, min(step, k), dtype=torch.float64, device=m.device)  # reused: no fresh pages per slice
     for c in range(0, k, step):
-        part = m[:, c : c + step].to(torch.float64)
+        part = chunk[:, : min(step, k - c)]
+        part.copy_(m[:, c : c + step])
         for lo, hi in zip(edges, edges[1:]):
             gram[lo:hi, :hi].addmm_(part[lo:hi], part[:hi].T)
     return gram
