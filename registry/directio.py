@@ -61,7 +61,7 @@ def _read_cached(fd: int, view: memoryview) -> bool:
     nowait = getattr(os, "RWF_NOWAIT", None)
     # Ask first: a read with RWF_NOWAIT that misses still starts readahead, and on a cold file that
     # would read pages into the cache for nothing, beside the direct read that follows.
-    if nowait is None or not all_cached(fd):
+    if nowait is None or not all_cached(fd, len(view)):
         return False
     try:
         return os.preadv(fd, [view], 0, nowait) == len(view)
@@ -81,15 +81,15 @@ _CACHESTAT = 451  # Linux 6.5+; new system calls have one number on every archit
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def all_cached(fd: int) -> bool:
-    """Whether every page of the open file is in the page cache (``cachestat``, which reads nothing);
-    False where the kernel cannot say (before Linux 6.5, other systems)."""
+def all_cached(fd: int, size: int) -> bool:
+    """Whether every page of the open file, ``size`` bytes long, is in the page cache (``cachestat``,
+    which reads nothing); False where the kernel cannot say (before Linux 6.5, other systems)."""
     if _libc is None:
         return False
     stat = _Cachestat()
     if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(stat), 0) != 0:
         return False  # ENOSYS
-    return stat.nr_cache * mmap.PAGESIZE >= os.fstat(fd).st_size
+    return stat.nr_cache * mmap.PAGESIZE >= size
 
 
 def _read_direct(path: str | os.PathLike, view: memoryview, size: int) -> bool:

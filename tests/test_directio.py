@@ -88,10 +88,10 @@ def test_all_cached_tells_a_cached_file_from_an_evicted_one(tmp_path):
     path.write_bytes(os.urandom(64 * BLOCK))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert all_cached(fd)  # just written: every page is in the cache
+        assert all_cached(fd, 64 * BLOCK)  # just written: every page is in the cache
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not all_cached(fd)
+        assert not all_cached(fd, 64 * BLOCK)
         with Scratch() as scratch:
             assert bytes(read_whole(path, scratch)) == path.read_bytes()  # from the disk, direct
     finally:
