@@ -493,7 +493,7 @@ class Registry:
         ``out``, so the weights are copied once on their way into the checkpoint.
         """
         try:
-            stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
+            stored = self._entry_blob(entry)
             if entry.kind != "full":
                 t = base[entry.key]
                 data = self.base_blobs.read_into(t.blob, blobs)
@@ -506,12 +506,14 @@ class Registry:
             raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
         deltas.apply(entry.kind, out, stored, device)
 
+    def _entry_blob(self, entry: StoredEntry) -> dict[str, torch.Tensor] | None:
+        """An entry's own blob (factors, delta, rows, ...), decoded; None for an entry without one."""
+        return codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
+
     def _rebuild(self, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:
         def load(entry: StoredEntry):
             try:
-                stored = None
-                if entry.blob is not None:
-                    stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
+                stored = self._entry_blob(entry)
                 bt = self._base_tensor(base[entry.key]) if entry.kind != "full" else None
             except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
                 raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
@@ -553,8 +555,7 @@ class Registry:
         biases: list[tuple[StoredEntry, lora.Target, dict]] = []
 
         def load(entry: StoredEntry):
-            stored = codec.decode(self.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
-            return entry, stored
+            return entry, self._entry_blob(entry)
 
         for i, (entry, stored) in enumerate(prefetch(load, changed, window=4, workers=4)):
             t = targets.get(entry.key)
