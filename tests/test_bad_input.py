@@ -116,6 +116,23 @@ def test_nan_or_inf_in_the_weights(home, models, tmp_path, bad):
     _fails(home, "push", tmp_path / "nan.safetensors", code=4, match="mid.conv2.weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_weights(dtype):
+    from registry.scan import _all_finite
+
+    big = torch.finfo(dtype).max
+    assert _all_finite(torch.full((1000,), big, dtype=dtype))  # the fast sum overflows; the exact test passes it
+    assert _all_finite(torch.tensor([big, -big, 1.0], dtype=dtype))
+    assert _all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = torch.randn(64, 33).to(dtype)
+        w[17, 5] = bad
+        assert not _all_finite(w)
+        assert not _all_finite(w.T)  # not contiguous
+    mixed = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # the sum is NaN, as it must be
+    assert not _all_finite(mixed)
+
+
 def test_unknown_subject_or_revision(home, tmp_path):
     _fails(home, "checkout", "nobody", "-o", tmp_path / "o.safetensors", code=3, match="no subject named 'nobody'")
     _fails(home, "checkout", "known@9", "-o", tmp_path / "o.safetensors", code=3, match="no revision 9")
