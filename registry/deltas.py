@@ -72,8 +72,13 @@ def compress(
     method: str = "gram",
     device: torch.device | str = "cpu",
     allocation: Allocation | None = None,
+    base_is_scratch: bool = False,
 ) -> Stored:
-    """Store ``ft`` against base tensor ``bt`` under ``rule``; budget mode passes each tensor's ``allocation``."""
+    """Store ``ft`` against base tensor ``bt`` under ``rule``; budget mode passes each tensor's ``allocation``.
+
+    ``base_is_scratch``: the caller decoded ``bt`` for this call alone, and the delta may be formed
+    in its memory (an fp32 base on the CPU) instead of in fresh pages.
+    """
     if not ft.is_floating_point():
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
     bt_same = bt.to(ft.dtype)
@@ -83,8 +88,12 @@ def compress(
     if rule.lossless:
         return _stored(min(filter(None, [sparse, _xor(ft, bt_same)]), key=lambda c: c.bound))
 
-    delta = ft.to(device=device, dtype=torch.float32) - bt.to(device=device, dtype=torch.float32)
     bound = rule.value if rule.mode == "max-error" else None
+    ft32, base32 = ft.to(device=device, dtype=torch.float32), bt.to(device=device, dtype=torch.float32)
+    if base32 is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
+        delta = torch.sub(ft32, bt, out=bt)
+    else:
+        delta = ft32 - base32
     full_rank = None
     if delta.dim() < 2:
         chosen = _dense(delta, encoding)

@@ -93,6 +93,9 @@ class Scratch:
         """This thread's buffer, of at least ``size`` bytes, page-aligned; what it held is gone."""
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size:
+            if buffer is not None and _closed(buffer):  # outgrown: its pages go back now, not at close
+                with self._lock:
+                    self._made.remove(buffer)
             buffer = self._local.buffer = aligned_buffer(size)
             with self._lock:
                 self._made.append(buffer)
@@ -101,10 +104,7 @@ class Scratch:
     def close(self) -> None:
         with self._lock:
             for buffer in self._made:
-                try:
-                    buffer.close()
-                except BufferError:  # still viewed (a failure's traceback): the collector frees it
-                    pass
+                _closed(buffer)
             self._made.clear()
 
     def __enter__(self) -> "Scratch":
@@ -112,6 +112,14 @@ class Scratch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _closed(buffer: mmap.mmap) -> bool:
+    try:
+        buffer.close()
+        return True
+    except BufferError:  # still viewed (a failure's traceback): the collector frees it
+        return False
 
 
 # Allocations above this get mappings of their own, returned to the system when freed.

@@ -275,8 +275,16 @@ class Registry:
             den += float(torch.linalg.vector_norm(ft)) ** 2
         return (num / den) ** 0.5 if den else 0.0
 
-    def _base_tensor(self, t: BaseTensor) -> torch.Tensor:
-        return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+    def _base_tensor(self, t: BaseTensor, blobs: Scratch | None = None) -> torch.Tensor:
+        """A base tensor, decoded into fresh memory; with ``blobs``, its stored frame is read into the
+        thread's reused buffer (from the disk itself, for a local store) rather than a fresh one."""
+        if blobs is None:
+            return codec.decode(self.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+        data = self.base_blobs.read_into(t.blob, blobs)
+        try:
+            return codec.decode(data, t.raw_size, f"base tensor {t.key!r}")["tensor"]
+        finally:
+            data.release()
 
     def _compress(self, ckpt, scan: Scan, base, lease, rule, encoding, method, device, progress) -> list[NewEntry]:
         return_large_frees()
@@ -285,8 +293,8 @@ class Registry:
         def unchanged(spec: TensorSpec) -> bool:  # the scan's digest says so, without reading the base
             return spec.key in base and scan.digest(spec.key) == base[spec.key].tensor_digest
 
-        def load(spec: TensorSpec):
-            return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key]) if spec.key in base else None
+        def load(spec: TensorSpec, blobs: Scratch | None = None):
+            return spec, ckpt.get(spec.key), self._base_tensor(base[spec.key], blobs) if spec.key in base else None
 
         done: dict[str, deltas.Stored] = {}
         if rule.mode == "budget":  # the plan needs every changed layer's spectrum first
@@ -309,7 +317,7 @@ class Registry:
             weight = 5 * numel(spec.shape) * 4
             gate.acquire(weight)
             try:
-                return (*load(spec), weight)
+                return (*load(spec, blobs), weight)
             except BaseException:
                 gate.release(weight)
                 raise
@@ -319,11 +327,11 @@ class Registry:
             try:
                 if ft is None:
                     return spec, deltas.Stored("base")
-                return spec, deltas.compress(ft, bt, rule, encoding, method=method, device=device)
+                return spec, deltas.compress(ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True)
             finally:
                 gate.release(weight)
 
-        with Background(workers=4, limit=4) as background, threads_per_lane(lanes):
+        with Scratch() as blobs, Background(workers=4, limit=4) as background, threads_per_lane(lanes):
             uploads = HeldUploads(scan, background)
             for key, stored in done.items():
                 entries[key] = self._record(scan.specs_by_key[key], stored, scan.digest(key), lease, uploads)
