@@ -164,7 +164,8 @@ def _check_dtype(path: Path, key: str, dtype: torch.dtype) -> str:
 
 
 def _open_safetensors(path: Path) -> Checkpoint:
-    """Read tensors with plain reads at their header offsets, not through a memory map.
+    """Read tensors at their header offsets (:class:`~registry.directio.RangeReader`), not through a
+    memory map.
 
     A map of a 3.4 GB file leaves every page it touched resident in the process; reading one
     tensor at a time into its own buffer keeps a push's memory at about one layer.
@@ -191,32 +192,36 @@ def _open_safetensors(path: Path) -> Checkpoint:
     if metadata is not None and not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: safetensors __metadata__ is not a JSON object")
     by_key = {s.key: s for s in specs}
-    fh = open(path, "rb")
+    reader = directio.RangeReader(path)
     lock = threading.Lock()
     # The tensors tile the data section in spec order, so reading them in order reads the whole
     # file: hash it on the way rather than in a pass of its own.
-    hasher = hashlib.sha256(fh.read(base))
+    hasher = hashlib.sha256(reader.read(0, base))
     stream = {"next": base}
 
     def get(key: str) -> torch.Tensor:
         spec = by_key[key]
         offset, size = offsets[key]
-        tensor = torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
-        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if size else memoryview(b"")
-        with lock:  # one file position, several reader threads
-            if size:
-                fh.seek(offset)
-                if fh.readinto(buf) != size:
-                    raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
+        dtype = DTYPES[spec.dtype]
+        if not size:
+            return torch.empty(spec.shape, dtype=dtype)
+        data = reader.read(offset, size)
+        if len(data) != size:
+            raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
+        with lock:
             if offset == stream["next"]:
-                hasher.update(buf)
+                hasher.update(data)
                 stream["next"] = offset + size
-        return tensor
+        # Reads land on the page boundaries of the file, so a tensor may start anywhere in its buffer.
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+        if raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).reshape(spec.shape)
 
     def streamed() -> str | None:
         return hasher.hexdigest() if stream["next"] == path.stat().st_size else None
 
-    return Checkpoint(path, specs, Layout("safetensors", metadata=metadata or None), get, fh.close, streamed)
+    return Checkpoint(path, specs, Layout("safetensors", metadata=metadata or None), get, reader.close, streamed)
 
 
 def _safetensors_dtype(path: Path, key: str, code: str) -> str:

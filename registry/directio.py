@@ -51,9 +51,61 @@ def read_whole(path: str | os.PathLike, buffer_for: Callable[[int], Buffer]) -> 
         view = memoryview(buffer_for(blocks)).cast("B")[:blocks]
         if size == 0 or _read_cached(fd, view[:size]) or _read_direct(path, view, size):
             return view[:size]
-        return view[: _read_all(fd, view[:size])]
+        return view[: _read_all_at(fd, view[:size], 0)]
     finally:
         os.close(fd)
+
+
+class RangeReader:
+    """Byte ranges of one file, each into fresh memory, from any thread: through the page cache
+    when all of a range is there, otherwise straight from the disk (where ``O_DIRECT`` is taken).
+
+    A push reads a 3.4 GB fine-tune twice (the scan hashes it, the compressor reads each layer
+    again) beside 3.4 GB of base blobs: through the page cache, the kernel's copies alone cost
+    4-5 s of CPU.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._direct: int | None = None
+        if getattr(os, "O_DIRECT", 0):
+            try:
+                self._direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                pass
+
+    def read(self, offset: int, size: int) -> memoryview:
+        """Exactly ``size`` bytes from ``offset`` (fewer only at the end of the file), writable."""
+        if self._direct is not None and size >= DIRECT_READ_MIN and not all_cached(self._fd, size, offset):
+            start = offset - offset % BLOCK
+            stop = -(-(offset + size) // BLOCK) * BLOCK
+            buffer = aligned_buffer(stop - start)
+            try:
+                got = _read_all_at(self._direct, memoryview(buffer)[: stop - start], start)
+            except OSError:  # EINVAL: a filesystem that takes O_DIRECT at open but not at read
+                got = -1
+            if got >= 0:
+                return memoryview(buffer)[offset - start : min(offset - start + size, got)]
+        buffer = bytearray(size)
+        return memoryview(buffer)[: _read_all_at(self._fd, memoryview(buffer), offset)]
+
+    def close(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd is not None:
+                os.close(fd)
+        self._direct = None
+
+
+# Below this a range is read through the page cache: a direct read of a small tensor costs a disk
+# round trip of its own, where buffered reads of neighbours share the kernel's readahead.
+DIRECT_READ_MIN = 1 << 20
+
+
+def _read_all_at(fd: int, view: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
+        got += n
+    return got
 
 
 def _read_cached(fd: int, view: memoryview) -> bool:
@@ -81,15 +133,18 @@ _CACHESTAT = 451  # Linux 6.5+; new system calls have one number on every archit
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def all_cached(fd: int, size: int) -> bool:
-    """Whether every page of the open file, ``size`` bytes long, is in the page cache (``cachestat``,
-    which reads nothing); False where the kernel cannot say (before Linux 6.5, other systems)."""
+def all_cached(fd: int, size: int, offset: int = 0) -> bool:
+    """Whether every page of ``size`` bytes of the open file from ``offset`` is in the page cache
+    (``cachestat``, which reads nothing); False where the kernel cannot say (before Linux 6.5,
+    other systems)."""
     if _libc is None:
         return False
     stat = _Cachestat()
-    if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(stat), 0) != 0:
+    first = offset - offset % mmap.PAGESIZE
+    span = offset + size - first
+    if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(first, span)), ctypes.byref(stat), 0) != 0:
         return False  # ENOSYS
-    return stat.nr_cache * mmap.PAGESIZE >= size
+    return stat.nr_cache * mmap.PAGESIZE >= span
 
 
 def _read_direct(path: str | os.PathLike, view: memoryview, size: int) -> bool:
@@ -101,18 +156,13 @@ def _read_direct(path: str | os.PathLike, view: memoryview, size: int) -> bool:
     except OSError:
         return False
     try:
-        return _read_all(fd, view) == size  # a direct read stops short at the end of the file
+        return _read_all_at(fd, view, 0) == size  # a direct read stops short at the end of the file
     except OSError:  # EINVAL: a buffer or filesystem that direct I/O does not take
         return False
     finally:
         os.close(fd)
 
 
-def _read_all(fd: int, view: memoryview) -> int:
-    got = 0
-    while got < len(view) and (n := os.preadv(fd, [view[got:]], got)):
-        got += n
-    return got
 
 
 class DirectFile:

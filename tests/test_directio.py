@@ -9,11 +9,12 @@ import random
 import pytest
 import torch
 import zstandard
+from safetensors.torch import save_file
 
 from registry import IntegrityError
 from registry.checkpoint import TensorSpec, fill_safetensors, write_safetensors
 from registry.codec import decode_into, dtype_name, encode
-from registry.directio import BLOCK, DirectFile, aligned_buffer, all_cached, read_whole
+from registry.directio import BLOCK, DIRECT_READ_MIN, DirectFile, RangeReader, aligned_buffer, all_cached, read_whole
 from registry.pipeline import Scratch
 
 
@@ -96,6 +97,59 @@ def test_all_cached_tells_a_cached_file_from_an_evicted_one(tmp_path):
             assert bytes(read_whole(path, scratch)) == path.read_bytes()  # from the disk, direct
     finally:
         os.close(fd)
+
+
+def _evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_ranges_read_at_any_offset_cold_or_cached(tmp_path, cold):
+    data = os.urandom(3 * DIRECT_READ_MIN + 12345)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    if cold:
+        _evict(path)
+    ranges = [
+        (0, 8), (7, DIRECT_READ_MIN + 1), (BLOCK, DIRECT_READ_MIN), (BLOCK - 3, 2 * DIRECT_READ_MIN + 5), (100, 1000),
+        (len(data) - DIRECT_READ_MIN - 17, DIRECT_READ_MIN + 17),  # to the very end, not on a block boundary
+    ]
+    reader = RangeReader(path)
+    try:
+        for offset, size in ranges:
+            got = reader.read(offset, size)
+            assert len(got) == size and bytes(got) == data[offset : offset + size], (offset, size)
+            got[:1] = b"x"  # fresh memory of its own, writable
+        assert bytes(reader.read(len(data) - 5, DIRECT_READ_MIN)) == data[-5:]  # past the end: what is there
+    finally:
+        reader.close()
+    assert path.read_bytes() == data
+
+
+def test_a_safetensors_file_read_cold_gives_back_its_tensors(tmp_path):
+    """Large tensors that start inside a block come from direct reads as views of their buffer."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "a": torch.randn(3, generator=g).half(),  # pushes the next tensor off the block boundary
+        "b": torch.randn(700, 1000, generator=g),
+        "c": torch.randn(513, 2049, generator=g).to(torch.bfloat16),
+        "d": torch.randn(5, generator=g).double(),
+    }
+    path = tmp_path / "ft.safetensors"
+    save_file(tensors, path)
+    _evict(path)
+    from registry.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        for key, tensor in tensors.items():
+            got = ckpt.get(key)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+            got.add_(1)  # its own memory, not the file's
 
 
 def _tensors() -> dict[str, torch.Tensor]:
