@@ -46,10 +46,12 @@ TOPUP_ROUNDS = 2
 TOPUP_MIN = 0.01
 
 # Layers decomposed side by side on the CPU, how many more may start past the oldest one still
-# running, and the bytes of tensors they may hold together.
+# running, and the bytes of tensors they may hold together, as the gate estimates them (high: a
+# waiting layer holds two fp32 copies, not five). With 3 and 800 MB, one lane often stood idle behind a large layer: SD1.5 pushes side by side
+# took 41-43 s at τ 0.5 and 54 s at 0.8; with 8 and 1200 MB, 36-37 s and 48 s, peaking at 1.0-1.1 GB.
 COMPRESS_LANES = 2
-COMPRESS_AHEAD = 3
-COMPRESS_MEMORY = 800 << 20
+COMPRESS_AHEAD = 8
+COMPRESS_MEMORY = 1200 << 20
 
 # Tensors a safetensors checkout forms side by side. Each lane reads a base blob straight from the
 # disk, hashes it, inflates it into its output buffer and adds A·B there; a third lane keeps two
