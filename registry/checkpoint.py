@@ -109,9 +109,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, scratch: Scratch | None = None) -> torch.Tensor:
+        """One tensor. With ``scratch``, a file read without a copy may land in the calling thread's
+        reused buffer: the tensor is then valid only until that thread's next read into it."""
         try:
-            return self._get(key)
+            return self._get(key, scratch)
         except CheckpointError:
             raise
         except Exception as exc:
@@ -199,13 +201,13 @@ def _open_safetensors(path: Path) -> Checkpoint:
     hasher = hashlib.sha256(reader.read(0, base))
     stream = {"next": base}
 
-    def get(key: str) -> torch.Tensor:
+    def get(key: str, scratch: Scratch | None = None) -> torch.Tensor:
         spec = by_key[key]
         offset, size = offsets[key]
         dtype = DTYPES[spec.dtype]
         if not size:
             return torch.empty(spec.shape, dtype=dtype)
-        data = reader.read(offset, size)
+        data = reader.read(offset, size, scratch)
         if len(data) != size:
             raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
         with lock:
@@ -342,7 +344,7 @@ def _state_dict(path: Path, obj: object) -> tuple[dict, str | None]:
 def _open_pickle(path: Path) -> Checkpoint:
     tensors, wrapper = _state_dict(path, _torch_load(path))
     specs = [TensorSpec(k, _check_dtype(path, k, t.dtype), tuple(t.shape)) for k, t in tensors.items()]
-    return Checkpoint(path, specs, Layout("pickle", wrapper=wrapper), lambda key: tensors[key].contiguous())
+    return Checkpoint(path, specs, Layout("pickle", wrapper=wrapper), lambda key, scratch=None: tensors[key].contiguous())
 
 
 def _open_diffusers(path: Path) -> Checkpoint:
@@ -384,7 +386,7 @@ def _open_pipeline(path: Path) -> Checkpoint:
     components: dict[str, dict] = {}
     parts: list[Checkpoint] = []
     specs: list[TensorSpec] = []
-    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    getters: dict[str, Callable[[Scratch | None], torch.Tensor]] = {}
     used: set[Path] = set()
     for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found = _model_weights(folder)
@@ -397,7 +399,7 @@ def _open_pipeline(path: Path) -> Checkpoint:
         for spec in ckpt.specs:
             key = f"{folder.name}/{spec.key}"
             specs.append(TensorSpec(key, spec.dtype, spec.shape))
-            getters[key] = lambda get=ckpt.get, inner=spec.key: get(inner)
+            getters[key] = lambda scratch, get=ckpt.get, inner=spec.key: get(inner, scratch)
     file_keys: list[str] = []
     skipped: list[str] = []
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p not in used):
@@ -412,7 +414,7 @@ def _open_pipeline(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: file {key!r} has the same name as a tensor")
         file_keys.append(key)
         specs.append(TensorSpec(key, "uint8", (size,)))
-        getters[key] = lambda file=file: _file_tensor(file)
+        getters[key] = lambda scratch, file=file: _file_tensor(file)
     if not components:
         raise CheckpointError(f"{path}: a diffusers pipeline (model_index.json), but no component folder holds weights")
     if skipped:
@@ -425,7 +427,7 @@ def _open_pipeline(path: Path) -> Checkpoint:
     layout = Layout("pipeline", components=components, file_keys=file_keys)
     read = sorted(used) + [path / k for k in file_keys]
     # The digest covers what was read, not the weight variants left out (they can be many GB).
-    return Checkpoint(path, specs, layout, lambda key: getters[key](), close, lambda: source_digest(path, read))
+    return Checkpoint(path, specs, layout, lambda key, scratch=None: getters[key](scratch), close, lambda: source_digest(path, read))
 
 
 def _file_tensor(file: Path) -> torch.Tensor:
@@ -459,7 +461,7 @@ def _open_sharded(path: Path, index: Path) -> Checkpoint:
             shard.close()
 
     layout = Layout("diffusers", shards=owner, weights_name=index.name.removesuffix(".index.json"))
-    return Checkpoint(path, specs, layout, lambda key: shards[owner[key]].get(key), close)
+    return Checkpoint(path, specs, layout, lambda key, scratch=None: shards[owner[key]].get(key, scratch), close)
 
 
 def source_digest(path: str | os.PathLike, files: Iterable[Path] | None = None) -> str:

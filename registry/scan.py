@@ -16,7 +16,7 @@ import torch
 from . import codec
 from .checkpoint import Checkpoint, TensorSpec
 from .errors import NonFiniteWeights
-from .pipeline import Background
+from .pipeline import Background, Scratch
 
 # A push holds at most this many bytes of compressed blobs while the scan is still reading; past
 # that it waits for the scan (a slow disk), which bounds its memory.
@@ -67,18 +67,15 @@ class Scan:
 
     def _run(self) -> None:
         try:
-            for i, spec in enumerate(self.specs):
-                if self._stop.is_set():
-                    return
-                tensor = self._ckpt.get(spec.key)
-                if tensor.is_floating_point() and not _all_finite(tensor):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise NonFiniteWeights(f"{self._ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
-                digest = codec.tensor_digest(tensor)
-                with self._changed:
-                    self._digests[spec.key] = digest
-                    self._changed.notify_all()
-                self._progress("read", i + 1, len(self.specs))
+            with Scratch() as scratch:  # each tensor is read, checked, hashed and dropped: no fresh pages
+                for i, spec in enumerate(self.specs):
+                    if self._stop.is_set():
+                        return
+                    digest = self._check(spec, self._ckpt.get(spec.key, scratch))
+                    with self._changed:
+                        self._digests[spec.key] = digest
+                        self._changed.notify_all()
+                    self._progress("read", i + 1, len(self.specs))
             source = self._ckpt.file_digest()
             with self._changed:
                 self._source = source
@@ -87,6 +84,12 @@ class Scan:
             with self._changed:
                 self._error = exc
                 self._changed.notify_all()
+
+    def _check(self, spec: TensorSpec, tensor: torch.Tensor) -> str:
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeights(f"{self._ckpt.path}: tensor {spec.key!r} has {bad} NaN or Inf values; refusing to store it")
+        return codec.tensor_digest(tensor)
 
     def _wait(self, ready) -> None:
         with self._changed:
