@@ -121,10 +121,13 @@ def test_ranges_read_at_any_offset_cold_or_cached(tmp_path, cold):
     ]
     reader = RangeReader(path)
     try:
-        for offset, size in ranges:
-            got = reader.read(offset, size)
-            assert len(got) == size and bytes(got) == data[offset : offset + size], (offset, size)
-            got[:1] = b"x"  # fresh memory of its own, writable
+        with Scratch() as scratch:
+            for offset, size in ranges:
+                for buffer_for in (None, scratch):  # fresh memory, or a reused buffer
+                    got = reader.read(offset, size, buffer_for)
+                    assert len(got) == size and bytes(got) == data[offset : offset + size], (offset, size)
+                    got[:1] = b"x"  # writable
+                    got.release()
         assert bytes(reader.read(len(data) - 5, DIRECT_READ_MIN)) == data[-5:]  # past the end: what is there
     finally:
         reader.close()
