@@ -506,12 +506,14 @@ class Registry:
             stored = self._entry_blob(entry)
             if entry.kind != "full":
                 t = base[entry.key]
-                data = self.base_blobs.read_into(t.blob, blobs)
                 if t.dtype == entry.dtype:
-                    codec.decode_into(data, t.raw_size, out, f"base tensor {t.key!r}")
+                    data = self.base_blobs.read_into(t.blob, blobs)
+                    try:
+                        codec.decode_into(data, t.raw_size, out, f"base tensor {t.key!r}")
+                    finally:
+                        data.release()
                 else:
-                    out.copy_(codec.decode(data, t.raw_size, f"base tensor {t.key!r}")["tensor"])
-                data.release()
+                    out.copy_(self._base_tensor(t, blobs))
         except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
             raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
         deltas.apply(entry.kind, out, stored, device)
