@@ -94,7 +94,7 @@ class RangeReader:
                 got = -1
             if got >= 0:
                 return view[offset - start : min(offset - start + size, got)]
-        view = _blocks(buffer_for, size)[:size] if buffer_for else memoryview(bytearray(size))
+        view = _blocks(buffer_for, size) if buffer_for else memoryview(bytearray(size))
         return view[: _read_all_at(self._fd, view, offset)]
 
     def close(self) -> None:

@@ -47,8 +47,9 @@ TOPUP_MIN = 0.01
 
 # Layers decomposed side by side on the CPU, how many more may start past the oldest one still
 # running, and the bytes of tensors they may hold together, as the gate estimates them (high: a
-# waiting layer holds two fp32 copies, not five). With 3 and 800 MB, one lane often stood idle behind a large layer: SD1.5 pushes side by side
-# took 41-43 s at τ 0.5 and 54 s at 0.8; with 8 and 1200 MB, 36-37 s and 48 s, peaking at 1.0-1.1 GB.
+# waiting layer holds two fp32 copies, not five). With 3 and 800 MB, one lane often stood idle
+# behind a large layer: SD1.5 pushes side by side took 41-43 s at τ 0.5 and 54 s at 0.8; with 8 and
+# 1200 MB, 36-37 s and 48 s, peaking at 1.0-1.1 GB.
 COMPRESS_LANES = 2
 COMPRESS_AHEAD = 8
 COMPRESS_MEMORY = 1200 << 20
