@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from registry import IntegrityError, RankRule, UsageError, codec, deltasvd, encodings
 from registry.ranking import Allocation, LayerSpectrum, allocate, factor_blob_bound, safetensors_size
 from registry.catalog import EntryRow
+from registry.deltas import SPARSE_PROBE_COLUMNS, _sparse_rows
 from registry.demo import finetune, make_base, state_dict
 
 from .conftest import snapshot
@@ -205,6 +206,20 @@ def test_a_sparse_row_embedding_delta_is_stored_as_rows_and_rebuilt_exactly(reg,
     assert entry.stored_bytes < 2 * 64 * 4 + 1000  # the two rows and their indices, not factors of 4000 rows
     rebuilt = _checkout(reg, rev.ref, tmp_path, verify=True)
     assert torch.equal(_bits(rebuilt["token_embedding.weight"]), _bits(emb))
+
+
+@pytest.mark.parametrize("column", [0, SPARSE_PROBE_COLUMNS - 1, SPARSE_PROBE_COLUMNS, 63])
+def test_sparse_rows_are_found_wherever_in_the_row_they_changed(column):
+    # The probe compares a row's first columns only; a row changed past them must still be found.
+    base = torch.randn(40, 64)
+    ft = base.clone()
+    ft[[2, 30], column] += 0.5
+    found = _sparse_rows(ft, base)
+    assert found is not None and found.tensors["rows"].tolist() == [2, 30]
+    assert torch.equal(found.tensors["values"], ft[[2, 30]])
+    # More than half the rows changed, in the probed columns or past them: not a sparse delta.
+    ft[:21, column] += 0.5
+    assert _sparse_rows(ft, base) is None
 
 
 def test_near_full_rank_layers_are_stored_dense_when_that_is_cheaper(reg_base, models):
