@@ -1,13 +1,16 @@
 """The CPU eigensolver behind Delta-SVD's fast path: LAPACK's tridiagonal routines, GIL released."""
 
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+import scipy.linalg.lapack
 import torch
 from threadpoolctl import threadpool_limits
 
-from registry import deltasvd
+from registry import deltasvd, eigen
 from registry.eigen import Tridiagonal
 
 
@@ -50,33 +53,58 @@ def test_rejects_what_lapack_cannot_read():
         Tridiagonal(torch.zeros(3, 3))  # fp32
 
 
-def test_the_gil_is_released_while_lapack_works():
-    """The point of calling LAPACK through ctypes: decomposition lanes in threads overlap. A Python
-    thread counting beside it gets about as far as beside a sleep of the same length (beside
-    ``scipy.linalg.lapack.dsytrd``, which holds the GIL, it gets about a fifth as far)."""
-    gram = _gram(800, 800, seed=2)
-    count = [0]
-    done = threading.Event()
+def _turns_inside(work, inside: threading.Event) -> int:
+    """How often the main thread ran while another thread, running ``work``, had ``inside`` set.
 
-    def counter():
-        while not done.is_set():
-            count[0] += 1
+    With a switch interval longer than the test, a thread hands the GIL over only where it blocks or
+    C code releases it: the count is 0 for calls that hold the GIL throughout, whatever the
+    machine's load. The main thread sleeps between looks, which lets the worker run.
+    """
+    finished = threading.Event()
 
-    def counted(work) -> tuple[int, float]:
-        before, start = count[0], time.perf_counter()
-        work()
-        return count[0] - before, time.perf_counter() - start
+    def run():
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):
+                work()
+        finally:
+            finished.set()
 
-    thread = threading.Thread(target=counter)
-    thread.start()
+    turns = 0
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            beside_lapack, seconds = counted(lambda: [Tridiagonal(gram.clone()).top(800) for _ in range(3)])
-        beside_sleep, _ = counted(lambda: time.sleep(seconds))
+        worker = threading.Thread(target=run)
+        worker.start()
+        while not finished.is_set():
+            time.sleep(0.0005)
+            turns += inside.is_set()
+        worker.join()
     finally:
-        done.set()
-        thread.join()
-    assert beside_lapack > 0.6 * beside_sleep
+        sys.setswitchinterval(interval)
+    return turns
+
+
+def test_the_gil_is_released_while_lapack_works(monkeypatch):
+    """The point of calling LAPACK through ctypes: decomposition lanes in threads overlap, where
+    ``scipy.linalg.lapack``'s wrappers hold the GIL for the whole call."""
+    gram = _gram(800, 800, seed=2)
+    inside = threading.Event()
+
+    def flagged(call):
+        def run(*args, **kwargs):  # only the LAPACK calls themselves, not the Python around them
+            inside.set()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                inside.clear()
+        return run
+
+    fortran = np.asfortranarray(np.tril(gram.numpy()))  # passed as it is: no copy that could release the GIL
+    held = flagged(scipy.linalg.lapack.dsytrd)
+    assert _turns_inside(lambda: held(fortran, lower=1, overwrite_a=1), inside) == 0
+
+    monkeypatch.setattr(eigen, "_call", flagged(eigen._call))
+    assert _turns_inside(lambda: Tridiagonal(gram.clone()).top(800), inside) > 0
 
 
 def test_spectrum_on_the_cpu_uses_it_and_matches_the_exact_svd():
