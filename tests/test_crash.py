@@ -4,7 +4,7 @@ Each trial SIGKILLs a forked child after a seeded random delay drawn over the op
 duration, so kills land before, during and after uploads, commits and renames. After every trial:
 ``verify --full`` finds no missing or corrupt object; an interrupted push, repeated, succeeds; a
 checkout's output is absent or complete and correct. At the end gc reclaims every orphan.
-``DSREG_CRASH_TRIALS`` sets the trials per operation (default 20, on each engine pair; about two
+``DSREG_CRASH_TRIALS`` sets the trials per operation (default 15, on each engine pair; 1.5-2
 minutes on Postgres + S3 on the test machine, whose speed varies by up to 1.5x from day to day:
 the default keeps the whole suite under 15 minutes on its slow days); ``DSREG_CRASH_SEED`` the seed.
 """
@@ -50,7 +50,7 @@ class Worker:
 
 
 def _trials() -> int:
-    return int(os.environ.get("DSREG_CRASH_TRIALS", "20"))
+    return int(os.environ.get("DSREG_CRASH_TRIALS", "15"))
 
 
 def test_kill_minus_nine_loses_nothing(engine, tmp_path, capsys):
