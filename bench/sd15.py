@@ -60,6 +60,25 @@ def build_pair(cache: Path) -> tuple[Path, Path]:
     return base, ft
 
 
+def describe_machine() -> str:
+    """What a pasted table needs beside it: the day, the CPU, its cores, torch's BLAS, any GPU."""
+    import datetime
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = "MKL" if torch.backends.mkl.is_available() else "OpenBLAS or other"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{datetime.date.today()}: {cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, "
+        f"torch {torch.__version__} with {blas}, {gpu}"
+    )
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -150,6 +169,7 @@ def main() -> None:
         print(json.dumps(step(args)))
         return
 
+    print(describe_machine(), flush=True)
     t = time.perf_counter()
     base, ft = build_pair(Path(args.cache))
     print(f"SD1.5-shaped pair ready in {time.perf_counter() - t:.0f} s: {base.stat().st_size / 1e9:.2f} GB each", flush=True)
