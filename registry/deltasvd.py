@@ -41,6 +41,8 @@ METHODS = ("gram", "svd")
 GRAM_BLOCKS = 8
 GRAM_CHUNK = 1 << 22  # elements of ΔW converted to fp64 at a time
 ERROR_CHUNK = 1 << 22  # elements of the residual ΔW − A·B formed at a time
+# Spectrum.stored_error answers from the spectrum only where it is within this share of the measured error.
+STORED_ERROR_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Spectrum:
         if self.method == "svd":
             return self._u[:, :t] * self._s32[:t], self._vh[:t]
         d, k = self.matrix.shape
-        top = self._eigen.top(t).float()
+        top = self._eigen.top(t)
         if d <= k:
             # top = U_t; UᵀΔW = Σ_t V_tᵀ, whose row norms are the singular values.
             projected = top.T @ self.matrix
@@ -123,6 +125,42 @@ class Spectrum:
             return top * sigma, projected / torch.where(sigma > 0, sigma, 1.0)[:, None]
         # top = V_t; ΔW V_t = U_t Σ_t.
         return self.matrix @ top, top.T.contiguous()
+
+    def stored_error(self, a: torch.Tensor, b: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor) -> float:
+        """‖ΔW − Qa·Qb‖_F / ‖ΔW‖_F for the factors (a, b) = ``factors(t)`` stored as (qa, qb), from the
+        spectrum where that is certain to STORED_ERROR_TOLERANCE, else from the residual itself.
+
+        A·B is the projection of ΔW onto its top-t singular subspaces, so the residual R = ΔW − A·B
+        is orthogonal to (Qa − A)·B and to A·(Qb − B), and ‖ΔW − Qa·Qb‖² = Σ_{i>t} σᵢ² + q − 2⟨R, Ea·Eb⟩
+        with q = ‖Ea·Qb + A·Eb‖² (Ea = Qa − A, Eb = Qb − B). q is taken direction by direction; what
+        that leaves out, and the last term, are bounded by ``slack``. Where the truncation dominates,
+        as it does under a rank rule at τ < 1, this saves a pass of d·k·t multiply-adds per layer.
+        """
+        squares = self.s.double().clamp_min(0) ** 2
+        total = squares.sum()
+        if total <= 0:
+            return 0.0
+        t = a.shape[1]
+        tail = squares[t:].sum()
+        ea, eb = _squares(qa - a, 0), _squares(qb - b, 1)
+        q_a, q_b = (ea * _squares(qb, 1)).sum(), (_squares(a, 0) * eb).sum()
+        # What the estimate q_a + q_b of q leaves out, bounded: the cross term 2⟨Ea·Qb, A·Eb⟩ by
+        # Cauchy-Schwarz; the off-diagonal parts of Qb·Qbᵀ (‖Qb·Qbᵀ − I‖₂ <= 2‖Eb‖ + ‖Eb‖² beside
+        # BBᵀ = I) and of AᵀA (= Σ², both to the fp32 vectors' orthogonality, taken as 1e-3); and
+        # |⟨R, Ea·Eb⟩| <= ‖R‖₂·‖Ea‖_F·‖Eb‖_F with ‖R‖₂ = σ_{t+1}.
+        fa2, fb2 = ea.sum(), eb.sum()
+        fa, fb = fa2.sqrt(), fb2.sqrt()
+        sigma = self.s.double().clamp_min(0)
+        slack = (
+            2 * (q_a * q_b).sqrt()
+            + 2 * fa2 * (2 * fb + fb2 + 1e-3)
+            + 2e-3 * sigma[0] ** 2 * fb2
+            + 2 * (sigma[t] if t < sigma.numel() else 0.0) * fa * fb
+        )
+        q = q_a + q_b
+        if slack > 2 * STORED_ERROR_TOLERANCE * tail:
+            return relative_error(self.matrix, qa, qb)
+        return float(((tail + q) / total).clamp(0, 1).sqrt())
 
     @property
     def _s32(self) -> torch.Tensor:
@@ -148,10 +186,10 @@ class _GramEigen:
         self.s = eigenvalues.clamp_min(0).sqrt()
 
     def top(self, t: int) -> torch.Tensor:
-        """The top t eigenvectors, descending, in fp64."""
+        """The top t eigenvectors, descending, in fp32: they become factors stored in fp16 or coarser."""
         if self._tridiagonal is not None:
             return self._tridiagonal.top(t)
-        return self._eigenvectors[:, :t]
+        return self._eigenvectors[:, :t].float()
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,6 +259,11 @@ def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> fl
         torch.addmm(block, a[lo : lo + rows], b, alpha=-1, out=out)
         squares += torch.linalg.vector_norm(out).double() ** 2
     return float(squares.sqrt() / norm)
+
+
+def _squares(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Squared norms along ``dim`` (0: of each column, 1: of each row), summed in fp64."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64) ** 2
 
 
 def _gram(matrix: torch.Tensor) -> torch.Tensor:

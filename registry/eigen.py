@@ -1,16 +1,15 @@
-"""All eigenvalues and the top eigenvectors of a symmetric fp64 matrix, on the CPU, without the GIL.
+"""All eigenvalues (fp64) and the top eigenvectors (fp32) of a symmetric fp64 matrix, on the CPU, without the GIL.
 
 Delta-SVD needs every singular value of a layer's delta (the energy sums them all) but only the
 top t singular vectors, and the paper's thresholds keep from 1% (τ 0.06) to 60% (τ 0.8) of them.
 A full ``eigh`` forms all n eigenvectors; this reduces the Gram matrix to tridiagonal form once
 (LAPACK ``dsytrd``), takes all eigenvalues from it (``dsterf``), and back-transforms only the top
-t eigenvectors of the tridiagonal matrix (``dormtr``): about 0.18 s against ``numpy.linalg.eigh``'s
-0.26 s and torch's 0.37 s for a 1280 × 1280 Gram on one core.
+t eigenvectors of the tridiagonal matrix (``sormtr``; the vectors are fp32, see ``Tridiagonal.top``).
 
-The tridiagonal eigenvectors come from MRRR (``dstemr``) when few are kept, and otherwise from
-divide and conquer (``dstedc``), which forms all n of them yet costs less: on the SD1.5 bench's
-1280 × 1280 Grams it takes 0.04-0.07 s for all, where MRRR takes 0.11-0.14 s for the 320 that τ 0.5
-keeps (0.2-0.26 s for 640). MRRR's cost grows with t, and the two meet near t = n/10.
+The tridiagonal eigenvectors come from MRRR (``sstemr``) when few are kept, and otherwise from
+divide and conquer (``sstedc``), which forms all n of them yet costs less where more than a tenth
+are kept (measured in fp64, where on the SD1.5 bench's 1280 × 1280 Grams it took 0.04-0.07 s for
+all and MRRR 0.11-0.14 s for the 320 that τ 0.5 keeps). MRRR's cost grows with t.
 
 The routines are SciPy's LAPACK, called through the function pointers that
 ``scipy.linalg.cython_lapack`` publishes for compiled callers: ``scipy.linalg.lapack``'s Python
@@ -27,6 +26,7 @@ import torch
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _DOUBLE = ctypes.POINTER(ctypes.c_double)
+_FLOAT = ctypes.POINTER(ctypes.c_float)
 _CHAR = ctypes.c_char_p
 # The C prototypes of scipy.linalg.cython_lapack (Fortran calling convention: everything by pointer);
 # each routine's trailing int* is its ``info``.
@@ -37,6 +37,11 @@ _SIGNATURES = {
     "dstemr": [_CHAR, _CHAR, _INT, _DOUBLE, _DOUBLE, _DOUBLE, _DOUBLE, _INT, _INT, _INT, _DOUBLE, _DOUBLE, _INT, _INT, _INT, _INT, _DOUBLE, _INT, _INT, _INT, _INT],
     "dormtr": [_CHAR, _CHAR, _CHAR, _INT, _INT, _DOUBLE, _INT, _DOUBLE, _DOUBLE, _INT, _DOUBLE, _INT, _INT],
 }
+# The vectors are formed in fp32 (see Tridiagonal.top): the same routines' single-precision twins.
+_SIGNATURES.update({
+    "s" + name[1:]: [_FLOAT if arg is _DOUBLE else arg for arg in _SIGNATURES[name]]
+    for name in ("dstedc", "dstemr", "dormtr")
+})
 # Divide and conquer forms all n vectors of T where t * this >= n; MRRR forms only the t below that.
 DIVIDE_AND_CONQUER_FROM = 10
 
@@ -55,18 +60,19 @@ _LAPACK = {name: _bind(name) for name in _SIGNATURES}
 
 def _call(name: str, *args) -> None:
     """``args`` are numpy arrays (passed by address), bytes (a LAPACK option), ints and floats
-    (passed by reference); ``info`` is appended and checked."""
+    (passed by reference, floats in the routine's precision); ``info`` is appended and checked."""
     info = ctypes.c_int()
+    real = ctypes.c_float if name.startswith("s") else ctypes.c_double
     refs = []
     for a in args:
         if isinstance(a, np.ndarray):
-            refs.append(a.ctypes.data_as(_INT if a.dtype == np.intc else _DOUBLE))
+            refs.append(a.ctypes.data_as(_INT if a.dtype == np.intc else ctypes.POINTER(real)))
         elif isinstance(a, bytes):
             refs.append(a)
         elif isinstance(a, int):
             refs.append(ctypes.byref(ctypes.c_int(a)))
         else:
-            refs.append(ctypes.byref(ctypes.c_double(a)))
+            refs.append(ctypes.byref(real(a)))
     _LAPACK[name](*refs, ctypes.byref(info))
     if info.value != 0:
         raise ArithmeticError(f"LAPACK {name} failed (info={info.value})")
@@ -92,35 +98,47 @@ class Tridiagonal:
         values = self._diagonal.copy()
         _call("dsterf", n, values, self._off.copy())
         self.values = torch.from_numpy(values[::-1].copy())
-        self._vectors = torch.zeros(n, 0, dtype=torch.float64)
+        self._vectors = torch.zeros(n, 0, dtype=torch.float32)
+        self._single: tuple[np.ndarray, ...] | None = None
 
     def top(self, t: int) -> torch.Tensor:
-        """The top t eigenvectors (n × t, fp64), in the order of ``values``."""
+        """The top t eigenvectors (n × t, fp32), in the order of ``values``.
+
+        Only the eigenvalues need fp64 (they decide the rank); the vectors become fp32 factors that
+        are stored in fp16 or coarser. So T's eigenvectors and the back-transformation run in single
+        precision, on fp32 copies of T and of the fp64 reduction's reflectors: 0.037 s against
+        0.069 s for the top 320 of a 1280 × 1280 Gram on one core, the same residual to 1e-7.
+        """
         n = self.n
         if not 0 <= t <= n:
             raise ValueError(f"asked for {t} eigenvectors of a {n} × {n} matrix")
         if t > self._vectors.shape[1]:
+            if self._single is None:
+                self._single = tuple(x.astype(np.float32) for x in (self._a, self._tau, self._diagonal, self._off))
+            reflectors, tau = self._single[:2]
             z = self._tridiagonal_vectors(t)
-            work = np.empty(64 * t)
-            _call("dormtr", b"L", b"U", b"N", n, t, self._a, n, self._tau, z, n, work, work.size)  # z ← Q z
+            work = np.empty(64 * t, dtype=np.float32)
+            _call("sormtr", b"L", b"U", b"N", n, t, reflectors, n, tau, z, n, work, work.size)  # z ← Q z
             self._vectors = torch.from_numpy(z.T[:, ::-1].copy())  # ascending from LAPACK
         return self._vectors[:, :t]
 
     def _tridiagonal_vectors(self, t: int) -> np.ndarray:
-        """The top t eigenvectors of T, ascending, as a t × n C array (column-major n × t)."""
+        """The top t eigenvectors of T, ascending, as a t × n fp32 C array (column-major n × t)."""
         n = self.n
+        diagonal, off = self._single[2:]
+        f32 = np.float32
         if t * DIVIDE_AND_CONQUER_FROM >= n:
-            z = np.zeros((n, n))
-            work, iwork = np.empty(1 + 4 * n + n * n), np.empty(3 + 5 * n, dtype=np.intc)
-            _call("dstedc", b"I", n, self._diagonal.copy(), self._off.copy(), z, n, work, work.size, iwork, iwork.size)
+            z = np.zeros((n, n), dtype=f32)
+            work, iwork = np.empty(1 + 4 * n + n * n, dtype=f32), np.empty(3 + 5 * n, dtype=np.intc)
+            _call("sstedc", b"I", n, diagonal.copy(), off.copy(), z, n, work, work.size, iwork, iwork.size)
             return np.ascontiguousarray(z[n - t :])
-        z = np.zeros((t, n))
+        z = np.zeros((t, n), dtype=f32)
         found = np.zeros(1, dtype=np.intc)
         support = np.zeros(2 * t, dtype=np.intc)
-        work, iwork = np.empty(18 * n), np.empty(10 * n, dtype=np.intc)
+        work, iwork = np.empty(18 * n, dtype=f32), np.empty(10 * n, dtype=np.intc)
         # jobz "V", range "I": eigenpairs n - t + 1 … n of T (vl, vu unused); tryrac 1.
-        _call("dstemr", b"V", b"I", n, self._diagonal.copy(), self._off.copy(), 0.0, 0.0, n - t + 1, n,
-              found, np.empty(n), z, n, t, support, np.ones(1, dtype=np.intc), work, work.size, iwork, iwork.size)
+        _call("sstemr", b"V", b"I", n, diagonal.copy(), off.copy(), 0.0, 0.0, n - t + 1, n,
+              found, np.empty(n, dtype=f32), z, n, t, support, np.ones(1, dtype=np.intc), work, work.size, iwork, iwork.size)
         if found[0] != t:
-            raise ArithmeticError(f"LAPACK dstemr found {found[0]} of the top {t} eigenvectors")
+            raise ArithmeticError(f"LAPACK sstemr found {found[0]} of the top {t} eigenvectors")
         return z

@@ -29,10 +29,11 @@ def test_values_and_top_vectors_match_a_full_eigh(n, rank, share):
     assert torch.allclose(tri.values, values.flip(0), rtol=0, atol=1e-12 * float(values.abs().max()))
     t = max(1, int(rank * share))
     top = tri.top(t)
-    assert top.shape == (n, t)
-    assert torch.allclose(top.T @ top, torch.eye(t, dtype=torch.float64), atol=1e-10)
-    # G v = λ v for each kept vector, with λ the matching value.
-    assert torch.allclose(gram @ top, top * tri.values[:t], atol=1e-9 * float(values.abs().max()))
+    assert top.shape == (n, t) and top.dtype == torch.float32  # the values decide ranks; the vectors only feed fp16 factors
+    assert torch.allclose(top.T @ top, torch.eye(t), atol=1e-4)  # MRRR in fp32: ~n·eps32 between close eigenvalues
+    # G v = λ v for each kept vector, with λ the matching value, to fp32 rounding of v.
+    top = top.double()
+    assert torch.allclose(gram @ top, top * tri.values[:t], atol=2e-6 * float(values.abs().max()))
 
 
 def test_asking_for_more_vectors_reuses_the_reduction_and_stays_consistent():
@@ -40,7 +41,7 @@ def test_asking_for_more_vectors_reuses_the_reduction_and_stays_consistent():
     tri = Tridiagonal(gram.clone())
     few, more = tri.top(10).clone(), tri.top(40)
     # Eigenvectors are defined up to sign: the same directions, whichever call formed them.
-    assert torch.allclose((few * more[:, :10]).sum(0).abs(), torch.ones(10, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose((few * more[:, :10]).sum(0).abs(), torch.ones(10), atol=1e-5)
     assert tri.top(0).shape == (120, 0)
     with pytest.raises(ValueError):
         tri.top(121)
