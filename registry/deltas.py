@@ -103,10 +103,11 @@ def compress(
         spectrum = deltasvd.Spectrum(delta, method)
         full_rank = spectrum.full_rank
         t = allocation.rank if allocation is not None else rank_for(rule, spectrum.s)
-        chosen = _lowrank(spectrum, t, encoding, None if allocation is None else allocation.wide)
+        measured = bound is not None
+        chosen = _lowrank(spectrum, t, encoding, None if allocation is None else allocation.wide, measured=measured)
         # Quantization adds its own error: raise the rank until the stored factors meet the bound.
         while bound is not None and chosen.rel_error > bound and chosen.rank < full_rank:
-            chosen = _lowrank(spectrum, min(full_rank, chosen.rank + max(1, chosen.rank // 8)), encoding)
+            chosen = _lowrank(spectrum, min(full_rank, chosen.rank + max(1, chosen.rank // 8)), encoding, measured=measured)
         if t == 0 and allocation is not None:
             chosen = _Candidate("dropped", {}, 0, 1.0, 0)
         whole = dense_bound(tuple(delta.shape), encodings.dense_dtype(encoding))
@@ -169,12 +170,14 @@ def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Te
 # ---------------------------------------------------------------- candidates
 
 
-def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str, wide: int | None = None) -> _Candidate:
+def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str, wide: int | None = None, *, measured: bool = False) -> _Candidate:
+    """``measured``: the stored error from the residual itself, where a bound rests on it; else from the spectrum."""
     a, b = spectrum.factors(t)
     tensors = encodings.encode_factors(a, b, spectrum.s, encoding, wide)
-    del a, b  # in fp32, as large as the decoded factors below: not both at once
-    qa, qb = encodings.decode_factors(tensors)
-    error = deltasvd.relative_error(spectrum.matrix, qa.to(spectrum.matrix.device), qb.to(spectrum.matrix.device))
+    if measured:
+        del a, b  # in fp32, as large as the decoded factors below: not both at once
+    qa, qb = (x.to(spectrum.matrix.device) for x in encodings.decode_factors(tensors))
+    error = deltasvd.relative_error(spectrum.matrix, qa, qb) if measured else spectrum.stored_error(a, b, qa, qb)
     return _Candidate("lowrank", tensors, blob_bound_of(tensors), error, t, encoding)
 
 
