@@ -14,8 +14,8 @@ Two ways to get there:
   projecting ΔW onto them, so A·B is exactly the projection of ΔW onto the top-t subspace.
 
 On the CPU the eigenvalues and the top eigenvectors come from :mod:`registry.eigen` (LAPACK's
-tridiagonal solvers, forming only the t vectors kept); on a GPU, ``torch.linalg.eigh`` runs on
-the device.
+tridiagonal solvers: all values in fp64, only the t vectors kept, in fp32); on a GPU,
+``torch.linalg.eigh`` runs on the device.
 
 The Gram matrix is the push's largest cost. It is formed in fp64 because fp32 rounding turns each
 zero singular value into about sqrt(eps32)·σ₁, and a merged LoRA or a low-rank fine-tune has
@@ -136,7 +136,8 @@ class Spectrum:
         that leaves out, and the last term, are bounded by ``slack``. Where the truncation dominates,
         as it does under a rank rule at τ < 1, this saves a pass of d·k·t multiply-adds per layer.
         """
-        squares = self.s.double().clamp_min(0) ** 2
+        sigma = self.s.double().clamp_min(0)
+        squares = sigma**2
         total = squares.sum()
         if total <= 0:
             return 0.0
@@ -150,7 +151,6 @@ class Spectrum:
         # |⟨R, Ea·Eb⟩| <= ‖R‖₂·‖Ea‖_F·‖Eb‖_F with ‖R‖₂ = σ_{t+1}.
         fa2, fb2 = ea.sum(), eb.sum()
         fa, fb = fa2.sqrt(), fb2.sqrt()
-        sigma = self.s.double().clamp_min(0)
         slack = (
             2 * (q_a * q_b).sqrt()
             + 2 * fa2 * (2 * fb + fb2 + 1e-3)
