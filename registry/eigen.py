@@ -115,17 +115,17 @@ class Tridiagonal:
         if t > self._vectors.shape[1]:
             if self._single is None:
                 self._single = tuple(x.astype(np.float32) for x in (self._a, self._tau, self._diagonal, self._off))
-            reflectors, tau = self._single[:2]
-            z = self._tridiagonal_vectors(t)
+            reflectors, tau, diagonal, off = self._single
+            z = self._tridiagonal_vectors(t, diagonal, off)
             work = np.empty(64 * t, dtype=np.float32)
             _call("sormtr", b"L", b"U", b"N", n, t, reflectors, n, tau, z, n, work, work.size)  # z ← Q z
             self._vectors = torch.from_numpy(z.T[:, ::-1].copy())  # ascending from LAPACK
         return self._vectors[:, :t]
 
-    def _tridiagonal_vectors(self, t: int) -> np.ndarray:
-        """The top t eigenvectors of T, ascending, as a t × n fp32 C array (column-major n × t)."""
+    def _tridiagonal_vectors(self, t: int, diagonal: np.ndarray, off: np.ndarray) -> np.ndarray:
+        """The top t eigenvectors of T (fp32 ``diagonal`` and ``off``), ascending, as a t × n fp32 C
+        array (column-major n × t)."""
         n = self.n
-        diagonal, off = self._single[2:]
         f32 = np.float32
         if t * DIVIDE_AND_CONQUER_FROM >= n:
             z = np.zeros((n, n), dtype=f32)
