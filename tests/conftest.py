@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from safetensors.torch import save_file
 from registry import Registry
 from registry.demo import finetune, make_base, state_dict
 
-from .engines import S3_BUCKET, Engine, EngineUnavailable, create_database, drop_database, postgres_available, seaweedfs
+from .engines import (
+    S3_BUCKET, Engine, EngineUnavailable, PostgresServer, create_database, drop_database, postgres_available, seaweedfs,
+)
 
 WIDTH = 32
 
@@ -66,6 +69,28 @@ def models(tmp_path_factory) -> Models:
     )
 
 
+def pytest_collection_modifyitems(items):
+    # The long end-to-end tests first: the workers share them out from the start, instead of one
+    # worker running the last of them alone while the other has finished.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # What tests record with ``report_line``, at the end of the log: under pytest-xdist a worker's
+    # own output does not reach it.
+    lines = [value for report in terminalreporter.stats.get("passed", []) for name, value in report.user_properties if name == "report line"]
+    if lines:
+        terminalreporter.section("what the fault tests saw")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def report_line(record_property):
+    """Records a line for the end of the test log (crash tallies, how an engine failure ended)."""
+    return lambda line: record_property("report line", line)
+
+
 def _unavailable(exc: EngineUnavailable):
     if os.environ.get("CI") == "true":
         pytest.fail(f"{exc} (CI=true: a missing engine is a failure)", pytrace=False)
@@ -88,6 +113,19 @@ def postgres():
         postgres_available()
     except EngineUnavailable as exc:
         _unavailable(exc)
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test's own, for a test that restarts it."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except EngineUnavailable as exc:
+        server.stop()
+        _unavailable(exc)
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -142,3 +180,19 @@ def snapshot(registry: Registry) -> dict:
             rows[table.name] = sorted(tuple(map(str, r)) for r in conn.execute(sa.select(table)))
     objects = sorted(b.digest for b in registry.store.list())
     return {"rows": rows, "objects": objects}
+
+
+def worker_pool(processes: int):
+    """A pool of separate processes for the many-writer tests, each forked from a server that
+    imported torch and the registry once, where a spawned worker would spend seconds of CPU
+    importing them again (the server runs no torch op, so no thread pool is forked). The workers
+    take this process's environment as it is now: the server keeps the one it started with, from
+    before a fixture pointed the AWS variables at this session's S3."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "registry", "registry.demo"])
+    return ctx.Pool(processes, initializer=_adopt_environment, initargs=(dict(os.environ),))
+
+
+def _adopt_environment(env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env)

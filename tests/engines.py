@@ -1,4 +1,5 @@
-"""Real engines for the tests and benchmarks: a SeaweedFS S3 server on loopback and fresh Postgres databases.
+"""Real engines for the tests and benchmarks: a SeaweedFS S3 server on loopback, fresh databases on
+the machine's PostgreSQL, and a private PostgreSQL server for a test that restarts one.
 
 A missing engine raises :class:`EngineUnavailable`; the test fixtures turn that into a failure under
 ``CI=true`` and a skip elsewhere.
@@ -6,11 +7,13 @@ A missing engine raises :class:`EngineUnavailable`; the test fixtures turn that 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -174,3 +177,54 @@ def drop_database(url: str) -> None:
     with engine.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+class PostgresServer:
+    """A PostgreSQL server of a test's own: initdb in a fresh folder, on a free loopback port.
+
+    For the test that restarts PostgreSQL under a push: restarting the machine's shared server would
+    cut the connections of every other test running at the same time in the other pytest workers.
+    As root, the server runs as the ``postgres`` user (PostgreSQL refuses to run as root).
+    """
+
+    def __init__(self):
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.dir = ""
+        self.port = 0
+
+    @staticmethod
+    def _binary(name: str) -> str:
+        found = shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), default=None)
+        if found is None:
+            raise EngineUnavailable(f"PostgreSQL's `{name}` is not installed")
+        return found
+
+    def _run(self, name: str, *args: str) -> None:
+        done = subprocess.run([self._binary(name), *args], user=self.user, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed: {(done.stderr or done.stdout).strip()}")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="dsreg-pg-")  # not under pytest's tmp_path, which only root may enter
+        if self.user is not None:
+            shutil.chown(self.dir, self.user)
+        self.port = free_ports(1)[0]
+        self._run("initdb", "-D", f"{self.dir}/data", "-U", "postgres", "-A", "trust", "--no-sync")
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
+        self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-o", options, "-w", "start")
+
+    def restart(self) -> None:
+        """Every open connection dies; the server is back on the same port when this returns."""
+        self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-m", "fast", "-w", "restart")
+
+    def stop(self) -> None:
+        if self.dir:
+            try:
+                self._run("pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "-w", "stop")
+            finally:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = ""

@@ -253,6 +253,7 @@ def test_safetensors_with_a_lying_header_is_refused(home, tmp_path):
 HOSTILE_NAMES = ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;colon", "quote'", "nul\x00", "tab\tname", "ünï", "a\\b", "..", "./x", "a/../b", "x" * 10_000, "'; DROP TABLE subjects; --", 'q"q', "bell\x07", "new\nline", "del\x7f", "\u202eevil"]
 
 
+@pytest.mark.slow
 def test_hostile_names_are_refused(home, models, tmp_path):
     for name in HOSTILE_NAMES:
         _fails(home, "push", models.ft, f"--subject={name}", code=2, match="invalid subject name")

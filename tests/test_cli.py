@@ -88,6 +88,7 @@ def test_environment_points_at_catalog_and_store(tmp_path, models):
     assert (tmp_path / "elsewhere.db").exists() and (tmp_path / "objects" / "sha256").is_dir()
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path):
     result = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "demo", "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 0, result.output
@@ -100,6 +101,7 @@ def test_demo_runs(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("dsreg") is None, reason="dsreg is not installed on PATH")
+@pytest.mark.slow
 def test_installed_entry_point(tmp_path, models):
     env = {**os.environ, "DSREG_HOME": str(tmp_path / "home")}
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from registry import Registry
 from registry.demo import finetune, make_base, state_dict
+
+from .conftest import worker_pool
 
 
 def _push(args) -> tuple[str, int, str]:
@@ -45,6 +45,7 @@ def _check_all(reg: Registry, pushed: list[tuple[str, int, str]], tmp_path) -> N
         assert reg.revision(subject).number == len(numbers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [8])
 def test_concurrent_pushes_from_separate_processes(engine, open_registry, models, finetunes, tmp_path, processes):
     with open_registry() as r:
@@ -53,7 +54,7 @@ def test_concurrent_pushes_from_separate_processes(engine, open_registry, models
     # Three workers share "alpha", two share "beta", three ask for automatic names.
     subjects = ["alpha", "alpha", "alpha", "beta", "beta", None, None, None]
     jobs = [(engine.catalog_url, engine.store_url, home, str(finetunes[i % 3]), subjects[i]) for i in range(processes)]
-    with mp.get_context("spawn").Pool(processes) as pool:
+    with worker_pool(processes) as pool:
         pushed = pool.map(_push, jobs)
     assert sorted(s for s, _, _ in pushed if not s.startswith("subject-")) == ["alpha"] * 3 + ["beta"] * 2
     assert sorted(s for s, _, _ in pushed if s.startswith("subject-")) == ["subject-1", "subject-2", "subject-3"]

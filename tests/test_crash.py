@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from safetensors.torch import save_file
 
 from registry import Registry, SubjectNotFound
@@ -53,7 +54,8 @@ def _trials() -> int:
     return int(os.environ.get("DSREG_CRASH_TRIALS", "15"))
 
 
-def test_kill_minus_nine_loses_nothing(engine, tmp_path, capsys):
+@pytest.mark.slow
+def test_kill_minus_nine_loses_nothing(engine, tmp_path, report_line):
     base = make_base(16, steps=5)
     save_file(state_dict(base), tmp_path / "base.safetensors")
     save_file(state_dict(finetune(base, steps=5)), tmp_path / "ft.safetensors")
@@ -92,8 +94,7 @@ def test_kill_minus_nine_loses_nothing(engine, tmp_path, capsys):
     assert reg.checkout("ref", tmp_path / "out.safetensors", device="cpu").path.read_bytes() == reference
     assert not list(tmp_path.glob(".out.safetensors.dsreg-*"))  # the killed checkouts' temporaries are gone
     reg.close()
-    with capsys.disabled():
-        print(f"\ncrash injection on {engine.name}: " + "; ".join(f"{op} {dict(tally[op])}" for op in OPS))
+    report_line(f"crash injection on {engine.name}: " + "; ".join(f"{op} {dict(tally[op])}" for op in OPS))
     for op in OPS:
         assert sum(tally[op].values()) == n and tally[op]["failed"] == 0, (op, tally[op])
         assert tally[op]["killed"] > 0

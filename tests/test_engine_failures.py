@@ -6,7 +6,6 @@ the push repeated succeeds."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 
@@ -17,12 +16,6 @@ from safetensors.torch import load_file
 from registry import Registry, StoreError
 
 from .engines import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database
-
-
-def _restart_postgres() -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True, timeout=120,
-                   capture_output=True)
 
 
 def _same(a, b) -> bool:
@@ -52,30 +45,27 @@ def _after(reg: Registry, models, tmp_path, outcome: str) -> None:
     assert _same(tmp_path / "dog.safetensors", tmp_path / "reference.safetensors")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/etc/postgresql"), reason="restarting Postgres needs root and pg_ctlcluster")
-def test_postgres_restarted_in_the_middle_of_a_push(postgres, s3_server, models, tmp_path):
-    url = create_database()
+@pytest.mark.slow
+def test_postgres_restarted_in_the_middle_of_a_push(own_postgres, s3_server, models, tmp_path, report_line):
     store = f"s3://{S3_BUCKET}/pg-restart-{os.getpid()}-{time.time_ns()}"
-    try:
-        with Registry.open(url, store, home=tmp_path / "registry") as reg:
-            reg.add_base(models.base, "tiny")
-            restarted = []
+    with Registry.open(own_postgres.url, store, home=tmp_path / "registry") as reg:
+        reg.add_base(models.base, "tiny")
+        restarted = []
 
-            def progress(stage, done, total):
-                if stage == "compress" and not restarted:
-                    restarted.append(time.monotonic())
-                    _restart_postgres()  # every catalog connection of the push dies here
+        def progress(stage, done, total):
+            if stage == "compress" and not restarted:
+                restarted.append(time.monotonic())
+                own_postgres.restart()  # every catalog connection of the push dies here
 
-            outcome = _outcome(reg, lambda: reg.push(models.ft, "dog", device="cpu", progress=progress))
-            assert restarted
-        with Registry.open(url, store, home=tmp_path / "registry") as reg:
-            _after(reg, models, tmp_path, outcome)
-            print(f"postgres restart during push: {outcome}")
-    finally:
-        drop_database(url)
+        outcome = _outcome(reg, lambda: reg.push(models.ft, "dog", device="cpu", progress=progress))
+        assert restarted
+    with Registry.open(own_postgres.url, store, home=tmp_path / "registry") as reg:
+        _after(reg, models, tmp_path, outcome)
+        report_line(f"postgres restart during push: {outcome}")
 
 
-def test_s3_killed_during_uploads_and_restarted(postgres, models, tmp_path):
+@pytest.mark.slow
+def test_s3_killed_during_uploads_and_restarted(postgres, models, tmp_path, report_line):
     server = SeaweedFS(tmp_path / "weed")
     server.start()
     url = create_database()
@@ -106,7 +96,7 @@ def test_s3_killed_during_uploads_and_restarted(postgres, models, tmp_path):
             assert killed and not failures, failures
         with Registry.open(url, store, home=tmp_path / "registry", storage_options=options) as reg:
             _after(reg, models, tmp_path, outcome)
-            print(f"S3 killed during push: {outcome}")
+            report_line(f"S3 killed during push: {outcome}")
     finally:
         server.stop()
         drop_database(url)

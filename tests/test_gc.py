@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from cli.main import cli
 from registry import Conflict, Registry
 from registry.gc import single_gc
 
-from .conftest import snapshot
+from .conftest import snapshot, worker_pool
 
 
 def _orphans(reg: Registry) -> list[str]:
@@ -184,6 +183,7 @@ _BLOCKED_PUSH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_push_killed_between_upload_and_commit(engine, open_registry, models, tmp_path):
     with open_registry() as reg:
         reg.add_base(models.base, "tiny")
@@ -255,6 +255,7 @@ def _collector(args) -> tuple[int, int]:
     return runs, removed
 
 
+@pytest.mark.slow
 def test_gc_while_pushing_loses_nothing(engine, open_registry, models, tmp_path):
     with open_registry() as reg:
         reg.add_base(models.base, "tiny")
@@ -263,8 +264,7 @@ def test_gc_while_pushing_loses_nothing(engine, open_registry, models, tmp_path)
     work.mkdir()
     sources = [models.ft, models.ft_fp16, models.ft]
     jobs = [(engine.catalog_url, engine.store_url, home, str(work), str(src), f"p{i}", seconds) for i, src in enumerate(sources)]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(len(jobs) + 1) as pool:
+    with worker_pool(len(jobs) + 1) as pool:
         gc_job = pool.apply_async(_collector, [(engine.catalog_url, engine.store_url, home, seconds + 2)])
         kept = [ref for part in pool.map(_pusher, jobs) for ref in part]
         runs, removed = gc_job.get()
