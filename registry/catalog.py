@@ -253,7 +253,8 @@ class Lease:
                 log.warning("could not renew upload lease: %s", exc)
 
     def claim(self, digests: Sequence[str]) -> None:
-        self.catalog.lease_blobs(self.id, digests)
+        if digests:
+            self.catalog.lease_blobs(self.id, digests)
 
     def close(self) -> None:
         self._stop.set()
@@ -452,16 +453,20 @@ class Catalog:
 
     # ------------------------------------------------------------ blobs
 
-    def blob_for_tensor(self, tensor_digest: str) -> BlobRecord | None:
-        """An already stored blob holding exactly this base tensor, to share rather than upload again."""
+    def blobs_for_tensors(self, tensor_digests: Sequence[str]) -> dict[str, BlobRecord]:
+        """Already stored blobs holding exactly these base tensors, by tensor digest, to share rather
+        than upload again: one query per 500 tensors, where a query each cost a round trip per tensor."""
+        found: dict[str, BlobRecord] = {}
         with self.session() as s:
-            row = s.execute(
-                sa.select(BlobRow)
-                .join(BaseTensorRow, BaseTensorRow.blob_digest == BlobRow.digest)
-                .where(BaseTensorRow.tensor_digest == tensor_digest)
-                .limit(1)
-            ).scalar_one_or_none()
-            return BlobRecord(row.digest, row.size, row.raw_size) if row else None
+            for chunk in _chunks(sorted(set(tensor_digests)), 500):
+                rows = s.execute(
+                    sa.select(BaseTensorRow.tensor_digest, BlobRow)
+                    .join(BlobRow, BaseTensorRow.blob_digest == BlobRow.digest)
+                    .where(BaseTensorRow.tensor_digest.in_(chunk))
+                )
+                for tdigest, row in rows:
+                    found.setdefault(tdigest, BlobRecord(row.digest, row.size, row.raw_size))
+        return found
 
     @staticmethod
     def _ensure_blobs(s: Session, blobs: Sequence[BlobRecord]) -> None:

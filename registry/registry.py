@@ -134,16 +134,16 @@ class Registry:
         tensors: list[BaseTensor] = []
         blobs: dict[str, BlobRecord] = {}
         by_tensor: dict[str, BlobRecord] = {}
+        shared = self.catalog.blobs_for_tensors([scanned.digests[spec.key] for spec in scanned.specs])
+        lease.claim([blob.digest for blob in shared.values()])
         with Background() as uploads:
             for i, spec in enumerate(scanned.specs):
                 tdigest = scanned.digests[spec.key]
                 blob = by_tensor.get(tdigest)
                 if blob is None:
-                    blob = self.catalog.blob_for_tensor(tdigest)
-                    if blob is not None:
-                        lease.claim([blob.digest])
-                        if not self.store.exists(blob.digest):  # its base was removed and collected since the lookup
-                            blob = None
+                    blob = shared.get(tdigest)
+                    if blob is not None and not self.store.exists(blob.digest):  # its base was removed and collected since the lookup
+                        blob = None
                 if blob is None:
                     data, raw = codec.encode({"tensor": ckpt.get(spec.key)}, level=BASE_ZSTD_LEVEL)
                     blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)

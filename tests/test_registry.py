@@ -189,6 +189,19 @@ def test_bases_share_identical_tensors(reg, models, tmp_path):
     assert len(list(reg.store.list())) == before + 1
 
 
+def test_a_shared_tensor_whose_blob_is_gone_is_uploaded_again(reg, models, tmp_path):
+    info, _ = reg.add_base(models.base, "tiny")
+    # A blob the next base shares, gone as if collected between that base's lookup and its upload.
+    lost = next(t.blob for t in reg.catalog.base_tensors(info.name) if t.key != "conv_in.bias")
+    reg.store.delete(lost)
+    sd = dict(models.base_sd)
+    sd["conv_in.bias"] = sd["conv_in.bias"] + 1.0
+    save_file(sd, tmp_path / "variant.safetensors")
+    reg.add_base(tmp_path / "variant.safetensors", "variant")
+    assert reg.store.exists(lost)  # the same bytes again, so the first base is whole too
+    assert reg.verify(full=True).ok
+
+
 def test_base_is_detected_among_several(reg, models):
     reg.add_base(models.base2, "unrelated")
     reg.add_base(models.base, "tiny")
