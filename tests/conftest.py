@@ -69,6 +69,18 @@ def models(tmp_path_factory) -> Models:
     )
 
 
+def pytest_configure(config):
+    # pytest-xdist's workers share the cores, so each gets its share of torch's threads, and so do
+    # the processes the tests start (the CLI, crash workers, pools) through OMP_NUM_THREADS. With a
+    # thread per core in every worker, torch's thread teams wait on one another's descheduled
+    # threads: `dsreg demo` took 56 s beside one busy process with two threads, 30 s with one.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items):
     # The long end-to-end tests first: the workers share them out from the start, instead of one
     # worker running the last of them alone while the other has finished.
