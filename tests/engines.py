@@ -191,6 +191,7 @@ class PostgresServer:
         self.user = "postgres" if os.geteuid() == 0 else None
         self.dir = ""
         self.port = 0
+        self.running = False
 
     @staticmethod
     def _binary(name: str) -> str:
@@ -216,15 +217,18 @@ class PostgresServer:
         self._run("initdb", "-D", f"{self.dir}/data", "-U", "postgres", "-A", "trust", "--no-sync")
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
         self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-o", options, "-w", "start")
+        self.running = True
 
     def restart(self) -> None:
         """Every open connection dies; the server is back on the same port when this returns."""
         self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-m", "fast", "-w", "restart")
 
     def stop(self) -> None:
-        if self.dir:
-            try:
+        try:
+            if self.running:
                 self._run("pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "-w", "stop")
-            finally:
+                self.running = False
+        finally:
+            if self.dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = ""
