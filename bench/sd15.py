@@ -80,6 +80,15 @@ def describe_machine() -> str:
 
 
 def _peak_rss_mb() -> float:
+    # VmHWM is this program's own peak. Linux carries ru_maxrss across fork and exec, so a step
+    # started by a parent that had just built the 7 GB pair would report the parent's peak.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
