@@ -132,12 +132,13 @@ def own_postgres():
     """A PostgreSQL server of this test's own, for a test that restarts it."""
     server = PostgresServer()
     try:
-        server.start()
-    except EngineUnavailable as exc:
-        server.stop()
-        _unavailable(exc)
-    yield server
-    server.stop()
+        try:
+            server.start()
+        except EngineUnavailable as exc:
+            _unavailable(exc)
+        yield server
+    finally:
+        server.stop()  # also after a failed start: its folder is removed
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ def free_ports(n: int) -> list[int]:
             found.append(port)
             if len(found) == n:
                 return found
-    raise RuntimeError("no free ports for SeaweedFS")
+    raise RuntimeError(f"no {n} free loopback ports from {start}")
 
 
 class SeaweedFS:
@@ -205,6 +205,10 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed: {(done.stderr or done.stdout).strip()}")
 
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        # The server's output goes to its log file: on a pipe, pg_ctl would wait for the server to exit.
+        self._run("pg_ctl", action, "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-w", *args)
+
     @property
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
@@ -215,18 +219,17 @@ class PostgresServer:
             shutil.chown(self.dir, self.user)
         self.port = free_ports(1)[0]
         self._run("initdb", "-D", f"{self.dir}/data", "-U", "postgres", "-A", "trust", "--no-sync")
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
-        self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-o", options, "-w", "start")
+        self._pg_ctl("start", "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off")
         self.running = True
 
     def restart(self) -> None:
         """Every open connection dies; the server is back on the same port when this returns."""
-        self._run("pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-m", "fast", "-w", "restart")
+        self._pg_ctl("restart", "-m", "fast")
 
     def stop(self) -> None:
         try:
             if self.running:
-                self._run("pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "-w", "stop")
+                self._pg_ctl("stop", "-m", "immediate")
                 self.running = False
         finally:
             if self.dir:
