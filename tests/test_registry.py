@@ -2,6 +2,7 @@
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,13 +180,18 @@ def test_base_is_stored_once_and_adding_it_again_is_a_no_op(reg, models):
     assert snapshot(reg) == before
 
 
+def _variant_base(models, tmp_path) -> Path:
+    """The base with one tensor changed: it shares every other tensor with it."""
+    sd = dict(models.base_sd)
+    sd["conv_in.bias"] = sd["conv_in.bias"] + 1.0
+    save_file(sd, tmp_path / "variant.safetensors")
+    return tmp_path / "variant.safetensors"
+
+
 def test_bases_share_identical_tensors(reg, models, tmp_path):
     reg.add_base(models.base, "tiny")
     before = len(list(reg.store.list()))
-    sd = dict(models.base_sd)
-    sd["conv_in.bias"] = sd["conv_in.bias"] + 1.0  # a base that differs in one tensor
-    save_file(sd, tmp_path / "variant.safetensors")
-    reg.add_base(tmp_path / "variant.safetensors", "variant")
+    reg.add_base(_variant_base(models, tmp_path), "variant")
     assert len(list(reg.store.list())) == before + 1
 
 
@@ -194,10 +200,7 @@ def test_a_shared_tensor_whose_blob_is_gone_is_uploaded_again(reg, models, tmp_p
     # A blob the next base shares, gone as if collected between that base's lookup and its upload.
     lost = next(t.blob for t in reg.catalog.base_tensors(info.name) if t.key != "conv_in.bias")
     reg.store.delete(lost)
-    sd = dict(models.base_sd)
-    sd["conv_in.bias"] = sd["conv_in.bias"] + 1.0
-    save_file(sd, tmp_path / "variant.safetensors")
-    reg.add_base(tmp_path / "variant.safetensors", "variant")
+    reg.add_base(_variant_base(models, tmp_path), "variant")
     assert reg.store.exists(lost)  # the same bytes again, so the first base is whole too
     assert reg.verify(full=True).ok
 
