@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import codec, deltasvd, encodings
-from .ranking import Allocation, RankRule, blob_bound_of, dense_bound, rank_for
+from .ranking import Allocation, RankRule, blob_bound_of, dense_bound
 
 LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
 KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped"}
@@ -102,7 +102,7 @@ def compress(
     else:
         spectrum = deltasvd.Spectrum(delta, method)
         full_rank = spectrum.full_rank
-        t = allocation.rank if allocation is not None else rank_for(rule, spectrum.s)
+        t = allocation.rank if allocation is not None else spectrum.rank(rule.mode, rule.value)
         measured = bound is not None
         chosen = _lowrank(spectrum, t, encoding, None if allocation is None else allocation.wide, measured=measured)
         # Quantization adds its own error: raise the rank until the stored factors meet the bound.

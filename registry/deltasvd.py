@@ -105,12 +105,42 @@ class Spectrum:
         self.method = method
         d, k = self.matrix.shape
         self.full_rank = min(d, k)
+        # Each singular value lies in [s_low, s_high]: the Gram path cannot tell apart singular
+        # values whose squares are below its rounding next to the largest (see ``_gram_rounding``).
         if method == "svd":
             self._u, s, self._vh = svd(self.matrix)
-            self.s = s.double()
+            self.s = self.s_low = self.s_high = s.double()
         else:
-            self._eigen = _GramEigen(_gram(self.matrix))
+            gram = _gram(self.matrix)
+            rounding = _gram_rounding(self.matrix, gram)
+            self._eigen = _GramEigen(gram)
             self.s = self._eigen.s
+            squares = self.s**2
+            self.s_low, self.s_high = (squares - rounding).clamp_min(0).sqrt(), (squares + rounding).sqrt()
+
+    def rank(self, mode: str, value: float) -> int:
+        """The rank that ``mode`` (``"energy"``: τ, ``"max-error"``: the relative Frobenius bound)
+        picks from the exact spectrum.
+
+        Where the Gram path's rounding leaves the choice open (τ 1 on a delta whose smallest
+        singular values are below what an fp64 Gram resolves, or a threshold that falls within
+        that rounding), the layer is decomposed again by an fp64 SVD, which resolves them.
+        """
+        choose = {"energy": energy_rank, "max-error": error_rank}[mode]
+        t = choose(self.s, value)
+        if not _rank_is_certain(mode, value, t, self.s_low, self.s_high):
+            self._exact()
+            t = choose(self.s, value)
+        return t
+
+    def _exact(self) -> None:
+        u, s, vh = torch.linalg.svd(self.matrix.double(), full_matrices=False)
+        # What an fp64 SVD cannot tell from zero is zero (numpy's matrix_rank tolerance): an exactly
+        # rank-deficient delta keeps its rank at τ 1 instead of its rounding noise.
+        s = torch.where(s > max(self.matrix.shape) * torch.finfo(torch.float64).eps * s[:1], s, 0.0)
+        self.method = "svd"
+        self._u, self._vh = u.float(), vh.float()
+        self.s = self.s_low = self.s_high = s
 
     def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in fp32 with A·B the best rank-t approximation: A = U_tΣ_t, B = V_tᵀ."""
@@ -229,7 +259,7 @@ def decompose(
 ) -> LowRank:
     """The paper's rule in one call: Delta-SVD of one tensor, factors cast to ``factor_dtype``."""
     spectrum = Spectrum(delta, method)
-    a, b = spectrum.factors(energy_rank(spectrum.s, tau))
+    a, b = spectrum.factors(spectrum.rank("energy", tau))
     a = a.to(factor_dtype).contiguous()
     b = b.to(factor_dtype).contiguous()
     return LowRank(a=a, b=b, rank=a.shape[1], full_rank=spectrum.full_rank, rel_error=relative_error(spectrum.matrix, a, b))
@@ -259,6 +289,40 @@ def relative_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> fl
         torch.addmm(block, a[lo : lo + rows], b, alpha=-1, out=out)
         squares += torch.linalg.vector_norm(out).double() ** 2
     return float(squares.sqrt() / norm)
+
+
+def _gram_rounding(matrix: torch.Tensor, gram: torch.Tensor) -> float:
+    """A bound on how far each eigenvalue of the fp64 Gram of ``matrix`` (d x k, n = min(d, k))
+    can be from the exact σᵢ²: forming it errs by at most k·u·‖ΔW‖²_F (each entry is a k-term dot
+    product), and the symmetric eigensolver adds about n·u·‖G‖₂ (u = fp64's unit roundoff).
+
+    A σᵢ whose square is below this is not resolved: σ_min of a 64 x 64 delta was 6.3e-11 beside
+    σ_max 0.33, and the Gram reported 0.
+    """
+    n, k = min(matrix.shape), max(matrix.shape)
+    unit = torch.finfo(torch.float64).eps / 2
+    trace = float(torch.diagonal(gram).sum())  # ‖ΔW‖²_F ≥ ‖G‖₂
+    return 2 * (k + n) * unit * trace
+
+
+def _rank_is_certain(mode: str, value: float, t: int, low: torch.Tensor, high: torch.Tensor) -> bool:
+    """Whether rank t is ``mode``'s choice for every spectrum between ``low`` and ``high``: rank t
+    meets the rule at its least favourable values, and rank t − 1 fails it at its most favourable."""
+    if torch.equal(low, high):
+        return True
+    if mode == "energy":
+        # E(t) = head / (head + tail): least when the head is low and the tail high.
+        def share(head_low: bool, r: int) -> float:
+            head, tail = (low if head_low else high)[:r].sum(), (high if head_low else low)[r:].sum()
+            return float(head / (head + tail)) if head + tail > 0 else 1.0
+
+        return share(True, t) >= value and (t == 0 or share(False, t - 1) < value)
+    # max-error: err(t)² = tail / (head + tail) of the squares.
+    def error(tail_high: bool, r: int) -> float:
+        head, tail = ((low if tail_high else high)[:r] ** 2).sum(), ((high if tail_high else low)[r:] ** 2).sum()
+        return float(tail / (head + tail)) if head + tail > 0 else 0.0
+
+    return error(True, t) <= value**2 and (t == 0 or error(False, t - 1) > value**2)
 
 
 def _squares(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ diffusers names them, and its deltas come from Adam steps on a denoising objecti
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,18 +102,37 @@ def _batch(gen: torch.Generator, n: int, subject: int | None, tokens: int = 64):
     return x0 * (1 - t)[:, None, None, None] + noise * t[:, None, None, None], t, toks, noise
 
 
+@contextmanager
+def reproducible():
+    """One thread and deterministic kernels, so that training gives the same bits on every run.
+
+    A parallel reduction (a conv's weight gradient, a matmul split over threads) sums in an order
+    that depends on the thread count: the same seeds gave other weights with 2 threads than with 1,
+    and so another base in a second ``dsreg demo`` or in one pytest-xdist worker than in another.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
 def train(model: TinyUNet, steps: int, *, subject: int | None, lr: float, seed: int, frozen: tuple[str, ...] = ()) -> TinyUNet:
     """Real Adam steps on the denoising loss; ``frozen`` module names keep their weights bit-for-bit."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(frozen))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        x, t, toks, noise = _batch(gen, 16, subject)
-        loss = F.mse_loss(model(x, t, toks), noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with reproducible():
+        for _ in range(steps):
+            x, t, toks, noise = _batch(gen, 16, subject)
+            loss = F.mse_loss(model(x, t, toks), noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -167,9 +187,12 @@ class DemoRow:
 
 def run_demo(registry, workdir: str | Path | None = None, energies=(0.2, 0.5, 0.8, 1.0), width: int = 64) -> list[DemoRow]:
     """Make a base and a real fine-tune, push the fine-tune at several τ, check each out and measure it."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="dsreg-demo-") as tmp:
+            return run_demo(registry, tmp, energies, width)
     from safetensors.torch import load_file
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="dsreg-demo-"))
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     base = make_base(width)
     ft = finetune(base)

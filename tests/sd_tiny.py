@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from registry.demo import reproducible
+
 WORDS = "a photo of sks dog cat person in the on".split()
 TOKENS = 8
 HIDDEN = 32
@@ -63,14 +65,15 @@ def train(pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool =
     # A copy: a fast tokenizer that has padded or truncated saves those settings in tokenizer.json.
     ids = copy.deepcopy(pipe.tokenizer)(["a photo of sks dog"] * 2, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(2, 4, 8, 8, generator=g)
-        t = torch.randint(0, 1000, (2,), generator=g)
-        cond = pipe.text_encoder(ids)[0]
-        loss = ((pipe.unet(x, t, cond).sample - x) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with reproducible():
+        for _ in range(steps):
+            x = torch.randn(2, 4, 8, 8, generator=g)
+            t = torch.randint(0, 1000, (2,), generator=g)
+            cond = pipe.text_encoder(ids)[0]
+            loss = ((pipe.unet(x, t, cond).sample - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
 
 @torch.no_grad()

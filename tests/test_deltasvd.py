@@ -84,6 +84,44 @@ def test_tau_one_rebuilds_to_fp32_roundoff(models):
             assert lr.rel_error < 1e-5, (key, method, lr.rel_error)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (48, 200), (200, 48)])
+def test_a_tail_below_the_grams_resolution_is_resolved_by_an_exact_svd(shape):
+    """σ_min 6.3e-11 beside σ_max 0.33 (a real layer's): its square is below fp64 rounding next to
+    σ_max², so the Gram reports 0 there, and τ 1 would keep one direction too few."""
+    g = torch.Generator().manual_seed(11)
+    n = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], n, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(torch.log10(torch.tensor(0.33)), torch.log10(torch.tensor(6.3e-11)), n, dtype=torch.float64)
+    delta = ((u * sigma) @ v.T).float()
+    exact = int((torch.linalg.svdvals(delta.double()) > 0).sum())
+    spectrum = deltasvd.Spectrum(delta, "gram")
+    assert float(spectrum.s_low[-1]) == 0.0 and spectrum.method == "gram"
+    assert spectrum.rank("energy", 1.0) == exact == n
+    assert spectrum.method == "svd"  # the open choice was settled by the fp64 SVD
+    lr = deltasvd.decompose(delta, 1.0, factor_dtype=torch.float32)
+    assert lr.rank == n and lr.rel_error < 1e-6
+
+
+def test_an_exactly_rank_deficient_delta_keeps_its_rank_at_tau_one():
+    """Small integer factors: the fp32 product is exact, so the delta has rank 7 exactly, and the
+    Gram's rounding of its 53 zeros must not make τ 1 keep them."""
+    g = torch.Generator().manual_seed(12)
+    delta = (torch.randint(-4, 5, (60, 7), generator=g) @ torch.randint(-4, 5, (7, 90), generator=g)).float()
+    spectrum = deltasvd.Spectrum(delta, "gram")
+    assert spectrum.rank("energy", 1.0) == 7
+    assert deltasvd.decompose(delta, 1.0, factor_dtype=torch.float32).rel_error < 1e-6
+
+
+def test_ranks_below_tau_one_need_no_fallback_on_a_real_finetune(models):
+    for tau in (0.06, 0.2, 0.5, 0.8):
+        for key, delta in _real_deltas(models).items():
+            spectrum = deltasvd.Spectrum(delta, "gram")
+            exact = deltasvd.energy_rank(torch.linalg.svdvals(deltasvd.as_matrix(delta).double()), tau)
+            assert spectrum.rank("energy", tau) == exact, (key, tau)
+            assert spectrum.method == "gram", (key, tau)
+
+
 def test_error_falls_as_tau_rises(models):
     delta = models.ft_sd["mid.conv1.weight"] - models.base_sd["mid.conv1.weight"]
     errors = [deltasvd.decompose(delta, tau).rel_error for tau in (0.06, 0.2, 0.5, 0.8, 1.0)]
