@@ -73,13 +73,14 @@ class Layout:
     files: dict[str, str] = field(default_factory=dict)  # diffusers: config.json and other small text files
     components: dict[str, dict] | None = None  # pipeline: component folder -> its diffusers layout (weights_name, shards, metadata)
     file_keys: list[str] | None = None  # pipeline: keys that are files (uint8), not weights
+    modes: dict[str, int] | None = None  # permission bits of what was read, by path relative to the pushed path ("" for itself)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
 
     @classmethod
     def from_json(cls, data: dict) -> "Layout":
-        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files", "components", "file_keys") if k in data}
+        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files", "components", "file_keys", "modes") if k in data}
         return cls(**known)
 
 
@@ -135,7 +136,58 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _open_diffusers(path)
+        check_links(path)
+        ckpt = _open_diffusers(path)
+        ckpt.layout = replace(ckpt.layout, modes=_modes(path))
+        return ckpt
+    ckpt = _open_file(path)
+    ckpt.layout = replace(ckpt.layout, modes={"": _mode(path)})
+    return ckpt
+
+
+def check_links(folder: Path) -> None:
+    """Refuse a folder whose symbolic links could read what is not the folder's own.
+
+    A link to a file inside the folder is read as that file (a diffusers snapshot may link its
+    shards). A link that resolves outside the folder would store, and give to everyone who checks
+    the subject out, whatever file the pusher can read (``tokenizer/merges.txt -> /etc/shadow``); a
+    link to a folder could loop or do the same one level down. Both are refused, naming the link.
+    """
+    root = folder.resolve()
+    for top, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = Path(top) / name
+            if not entry.is_symlink():
+                continue
+            target = entry.resolve()
+            if target.is_dir():
+                raise CheckpointError(f"{entry}: a link to a folder ({target}); links to folders are not followed, copy the folder in")
+            if not target.is_relative_to(root):
+                raise CheckpointError(
+                    f"{entry}: a link to {target}, outside {folder}; refusing to read it (copy the file in if it belongs there)"
+                )
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): _mode(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def restrict_modes(path: Path, layout: Layout) -> None:
+    """Give each written file at most the permissions its source had: a checkout never makes a
+    file readable by more users than the file that was pushed (a key or a private config)."""
+    for relative, mode in (layout.modes or {}).items():
+        target = path if relative == "" else path / relative
+        if relative != "" and not path.is_dir():
+            continue
+        if target.is_file() and not target.is_symlink():
+            target.chmod(_mode(target) & mode)
+
+
+def _open_file(path: Path) -> Checkpoint:
     kind = _sniff(path)
     if kind == "safetensors":
         return _open_safetensors(path)
@@ -369,7 +421,7 @@ def _model_weights(path: Path) -> tuple[Checkpoint, set[str]] | None:
                 ckpt = _open_sharded(path, index)
                 return ckpt, {index.name, *ckpt.layout.shards.values()}
             if single.exists():
-                inner = open_checkpoint(single)
+                inner = _open_file(single)
                 layout = Layout("diffusers", weights_name=single.name, metadata=inner.layout.metadata)
                 return Checkpoint(path, inner.specs, layout, inner.get, inner.close), {single.name}
     return None
@@ -447,7 +499,7 @@ def _open_sharded(path: Path, index: Path) -> Checkpoint:
         shard_path = path / shard_name
         if Path(shard_name).name != shard_name or not shard_path.is_file():
             raise CheckpointError(f"{index}: shard {shard_name!r} is missing")
-        shard = open_checkpoint(shard_path)
+        shard = _open_file(shard_path)
         shards[shard_name] = shard
         for spec in shard.specs:
             specs.append(spec)

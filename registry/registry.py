@@ -22,7 +22,9 @@ from . import codec, deltas, deltasvd, encodings, gc, lora
 from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision, StoredEntry
-from .checkpoint import FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, fill_safetensors, open_checkpoint, write_checkpoint
+from .checkpoint import (
+    FORMATS, PICKLE_SUFFIXES, Checkpoint, Layout, TensorSpec, fill_safetensors, open_checkpoint, restrict_modes, write_checkpoint,
+)
 from .config import BASE_ZSTD_LEVEL, DEFAULT_ENCODING, Settings
 from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, UsageError
@@ -485,13 +487,13 @@ class Registry:
             with Scratch() as blobs, threads_per_lane(lanes):
                 _write_atomically(output, lambda tmp: fill_safetensors(
                     tmp, specs, fill, layout.metadata, workers=lanes, done=lambda n: progress("checkout", n, len(specs))
-                ))
+                ), layout)
         else:
             # The rebuild runs a tensor ahead of the writer: matrix products and file writes overlap.
             tensors = ahead(self._rebuild(entries, base, dev, progress))
             if checked is not None:
                 tensors = checked.wrap(tensors)
-            _write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors))
+            _write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout)
         return CheckoutResult(
             info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev),
             verified=checked.verified if checked else 0, lossy=checked.lossy if checked else 0,
@@ -802,15 +804,18 @@ def _output_layout(pushed: Layout, output: Path, fmt: str | None) -> Layout:
     assert fmt in FORMATS
     if fmt == pushed.format:
         return pushed
+    # A single file's permissions carry over to a single file of another format.
+    single = {"": pushed.modes[""]} if pushed.modes and "" in pushed.modes else None
     if fmt == "safetensors":
-        return Layout("safetensors", metadata=pushed.metadata)
+        return Layout("safetensors", metadata=pushed.metadata, modes=single)
     if fmt == "pickle":
-        return Layout("pickle", wrapper=pushed.wrapper)
+        return Layout("pickle", wrapper=pushed.wrapper, modes=single)
     return Layout("diffusers", files=pushed.files, weights_name="diffusion_pytorch_model.safetensors")
 
 
-def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
-    """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing."""
+def _write_atomically(output: Path, write: Callable[[Path], None], layout: Layout | None = None) -> None:
+    """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing.
+    With ``layout``, no file gets wider permissions than its source had (``restrict_modes``)."""
     output = output.absolute()
     if output.is_dir() and any(output.iterdir()):
         raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
@@ -819,6 +824,8 @@ def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
     tmp = output.parent / f".{output.name}.dsreg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
+        if layout is not None:
+            restrict_modes(tmp, layout)
         if output.is_dir():
             output.rmdir()
         os.replace(tmp, output)

@@ -23,8 +23,8 @@ def test_training_is_bit_identical_with_one_or_two_threads():
 
 
 def test_training_leaves_the_thread_count_and_determinism_as_they_were():
-    torch.set_num_threads(2)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    _train(2)
-    assert torch.get_num_threads() == 2
+    threads = torch.get_num_threads()
+    _train(threads)
+    assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == deterministic
