@@ -14,8 +14,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from registry import Registry
-from registry.catalog import BaseTensor, BlobRecord
+from dsreg import Registry
+from dsreg.catalog import BaseTensor, BlobRecord
 from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry import Registry
-from registry.demo import TinyUNet, finetune, fixed_inputs, make_base, state_dict
+from dsreg import Registry
+from dsreg.demo import TinyUNet, finetune, fixed_inputs, make_base, state_dict
 
 TARGET = 0.33
 

@@ -19,9 +19,10 @@ import sqlalchemy as sa
 import torch
 from safetensors.torch import save_file
 
-from registry import Registry
-from registry.catalog import BaseRow, Catalog, RevisionRow, SubjectRow, TagRow
-from registry.demo import TinyUNet, state_dict
+from dsreg import Registry
+from dsreg.catalog import Catalog
+from dsreg.tables import BaseRow, RevisionRow, SubjectRow, TagRow
+from dsreg.demo import TinyUNet, state_dict
 from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 

@@ -94,7 +94,7 @@ def _peak_rss_mb() -> float:
 
 def step(args) -> dict:
     """One measured step, run inside its own process."""
-    from registry import Registry
+    from dsreg import Registry
 
     t = time.perf_counter()
     if args.step == "plain":
@@ -123,8 +123,8 @@ def step(args) -> dict:
 
 def plain_svd(base_path: Path, ft_path: Path, tau: float) -> dict:
     """The paper's Algorithm 1 as written: a full fp32 SVD of every layer's delta."""
-    from registry import deltasvd
-    from registry.checkpoint import open_checkpoint
+    from dsreg import deltasvd
+    from dsreg.checkpoint import open_checkpoint
 
     ranks = {}
     with open_checkpoint(base_path) as base, open_checkpoint(ft_path) as ft:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from registry import Conflict, DsregError, IntegrityError, Registry
-from registry.config import DEFAULT_ENCODING, DEFAULT_ENERGY, parse_duration, redact
-from registry.encodings import ENCODINGS
+from dsreg import Conflict, DsregError, IntegrityError, Registry
+from dsreg.config import DEFAULT_ENCODING, DEFAULT_ENERGY, parse_duration, redact
+from dsreg.encodings import ENCODINGS
 
 from .output import Bars, echo_json, ratio, size, table, when
 
@@ -276,7 +276,7 @@ def show(obj: Context, ref, tensors, report_dir, as_json):
     reg = obj.registry()
     detail = reg.show(ref)
     if report_dir is not None:
-        from registry.report import write_report
+        from dsreg.report import write_report
 
         for written in write_report(detail, report_dir):
             click.echo(f"wrote {written}", err=True)
@@ -333,7 +333,7 @@ def stats(obj: Context, as_json):
 @click.pass_obj
 def demo(obj: Context, workdir):
     """Make a small base and a real fine-tune of it, push at several tau, check out and measure."""
-    from registry.demo import run_demo
+    from dsreg.demo import run_demo
 
     reg = obj.registry()
     click.echo(f"registry: catalog {redact(reg.settings.catalog_url)}, store {redact(reg.settings.store_url)}")

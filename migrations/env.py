@@ -3,14 +3,15 @@
 
 from alembic import context
 
-from registry.catalog import Model, create_engine
-from registry.config import Settings
+from dsreg.tables import Model
 
 config = context.config
 target_metadata = Model.metadata
 
 
 def _url() -> str:
+    from dsreg.config import Settings
+
     return config.get_main_option("sqlalchemy.url") or Settings.resolve().catalog_url
 
 
@@ -30,6 +31,8 @@ else:
     if connection is not None:
         _run(connection)
     else:
+        from dsreg.catalog import create_engine  # with SQLite's pragmas, as the library opens it
+
         engine = create_engine(_url())
         with engine.begin() as conn:
             _run(conn)

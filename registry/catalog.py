@@ -1,6 +1,6 @@
-"""The catalog: SQLAlchemy tables and the queries over them, on SQLite or Postgres alike.
+"""The catalog: the queries over the tables of :mod:`dsreg.tables`, on SQLite or Postgres alike.
 
-The schema is created and changed only by the Alembic migrations in ``migrations/``; opening a
+The schema is created and changed only by the Alembic migrations in ``dsreg.migrations``; opening a
 catalog brings it to the newest revision first.
 """
 
@@ -21,155 +21,18 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError, ProgrammingError, InterfaceError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from .config import redact
 from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreError, SubjectNotFound, first_line
 from .names import AUTO_PREFIX, Ref, auto_number
 from .records import BaseInfo, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
+from .tables import (
+    WRITE_LOCK, BaseRow, BaseTensorRow, BlobRow, EntryRow, LeaseBlobRow, LeaseRow, PolicyRow, RevisionRow, SubjectRow, TagRow,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
-
-# Postgres advisory lock keys (any fixed 64-bit numbers). Writers that make blobs live (lease
-# registration, commits) share WRITE_LOCK; a gc sweep batch takes it exclusively. On SQLite every
-# write transaction is exclusive already (BEGIN IMMEDIATE).
-WRITE_LOCK = 0x64737265_67000002
-GC_LOCK = 0x64737265_67000003
-
-NAMING = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Model(DeclarativeBase):
-    metadata = sa.MetaData(naming_convention=NAMING)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class BlobRow(Model):
-    __tablename__ = "blobs"
-    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    size: Mapped[int] = mapped_column(sa.BigInteger)
-    raw_size: Mapped[int] = mapped_column(sa.BigInteger)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-
-
-class BaseRow(Model):
-    __tablename__ = "bases"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
-    n_tensors: Mapped[int] = mapped_column(sa.Integer)
-    n_params: Mapped[int] = mapped_column(sa.BigInteger)
-    nbytes: Mapped[int] = mapped_column(sa.BigInteger)
-    layout: Mapped[str] = mapped_column(sa.Text)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-
-
-class BaseTensorRow(Model):
-    __tablename__ = "base_tensors"
-    base_id: Mapped[int] = mapped_column(sa.ForeignKey("bases.id", ondelete="CASCADE"), primary_key=True)
-    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(sa.String(512))
-    dtype: Mapped[str] = mapped_column(sa.String(16))
-    shape: Mapped[str] = mapped_column(sa.String(128))
-    tensor_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
-    blob_digest: Mapped[str] = mapped_column(sa.ForeignKey("blobs.digest"), index=True)
-    __table_args__ = (sa.UniqueConstraint("base_id", "key"),)
-
-
-class SubjectRow(Model):
-    __tablename__ = "subjects"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    # The newest existing revision number (0 until the first revision commits; a subject whose
-    # last revision is removed is deleted).
-    latest: Mapped[int] = mapped_column(sa.Integer, default=0)
-    # Revision numbers handed out so far: bumped in the push's transaction, which serializes
-    # concurrent pushes to one subject on the row lock and keeps numbers gap-free. Removing a
-    # revision never lowers it, so a number always means the same weights.
-    counter: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-    # Name-prefix queries (LIKE 'abc%') use this index on Postgres whatever the database collation.
-    __table_args__ = (sa.Index("ix_subjects_name_pattern", "name", postgresql_ops={"name": "varchar_pattern_ops"}),)
-
-
-class RevisionRow(Model):
-    __tablename__ = "revisions"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    subject_id: Mapped[int] = mapped_column(sa.ForeignKey("subjects.id", ondelete="CASCADE"))
-    number: Mapped[int] = mapped_column(sa.Integer)
-    base_id: Mapped[int] = mapped_column(sa.ForeignKey("bases.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow, index=True)
-    energy: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    # How ranks were chosen, as RankRule prints it: energy=0.5, max-error=0.05, budget=20000000, exact.
-    rank_rule: Mapped[str] = mapped_column(sa.String(64))
-    encoding: Mapped[str] = mapped_column(sa.String(16))
-    original_bytes: Mapped[int] = mapped_column(sa.BigInteger)
-    stored_bytes: Mapped[int] = mapped_column(sa.BigInteger)
-    kept_params: Mapped[int] = mapped_column(sa.BigInteger)
-    n_tensors: Mapped[int] = mapped_column(sa.Integer)
-    n_changed: Mapped[int] = mapped_column(sa.Integer)
-    source_digest: Mapped[str] = mapped_column(sa.String(64))
-    source_format: Mapped[str] = mapped_column(sa.String(16))
-    layout: Mapped[str] = mapped_column(sa.Text)
-    __table_args__ = (sa.UniqueConstraint("subject_id", "number"),)
-
-
-class EntryRow(Model):
-    __tablename__ = "entries"
-    revision_id: Mapped[int] = mapped_column(sa.ForeignKey("revisions.id", ondelete="CASCADE"), primary_key=True)
-    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(sa.String(512))
-    kind: Mapped[str] = mapped_column(sa.String(16))
-    dtype: Mapped[str] = mapped_column(sa.String(16))
-    shape: Mapped[str] = mapped_column(sa.String(128))
-    rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
-    full_rank: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
-    rel_error: Mapped[float] = mapped_column(sa.Float)
-    encoding: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
-    tensor_digest: Mapped[str] = mapped_column(sa.String(64))
-    blob_digest: Mapped[str | None] = mapped_column(sa.ForeignKey("blobs.digest"), nullable=True, index=True)
-
-
-class TagRow(Model):
-    __tablename__ = "tags"
-    subject_id: Mapped[int] = mapped_column(sa.ForeignKey("subjects.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True, index=True)
-    revision_id: Mapped[int] = mapped_column(sa.ForeignKey("revisions.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-
-
-class LeaseRow(Model):
-    """A writer's claim on blobs it is about to reference: gc keeps them while the lease is live."""
-
-    __tablename__ = "leases"
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
-    holder: Mapped[str] = mapped_column(sa.String(256))
-    expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-
-
-class LeaseBlobRow(Model):
-    __tablename__ = "lease_blobs"
-    lease_id: Mapped[str] = mapped_column(sa.ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True)
-    digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True, index=True)
-
-
-class PolicyRow(Model):
-    __tablename__ = "policies"
-    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    pattern: Mapped[str] = mapped_column(sa.String(256), default="*")
-    keep_last: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
-    max_age_seconds: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-
 
 # ---------------------------------------------------------------- records handed between modules
 

@@ -29,7 +29,7 @@ import torch
 from . import directio
 from .codec import DTYPES, SAFETENSORS_CODES, dtype_name
 from .errors import CheckpointError, UnsafeCheckpoint, first_line
-from .pipeline import Scratch
+from .concurrency import Scratch
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ from typing import Callable, Iterator
 import sqlalchemy as sa
 
 from .blobstore import BlobStore
-from .catalog import GC_LOCK, Catalog
+from .catalog import Catalog
+from .tables import GC_LOCK
 from .errors import Conflict, IntegrityError
-from .pipeline import prefetch
+from .concurrency import prefetch
 from .records import GcReport, PolicyInfo, VerifyReport
 
 log = logging.getLogger(__name__)

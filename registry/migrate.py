@@ -18,7 +18,9 @@ MIGRATION_LOCK = 0x64737265_67000001
 
 
 def alembic_config(connection=None) -> Config:
-    import migrations
+    # The scripts ship inside the package (dsreg.migrations): found through it, never by a
+    # top-level ``import migrations`` that another project's package could answer.
+    from . import migrations
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))

@@ -30,7 +30,7 @@ from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, Conflict, IntegrityError, UsageError
 from .layers import key_layout, layer_group, layer_type, summarize
 from .names import Ref, parse_ref, validate_name
-from .pipeline import Background, MemoryGate, Scratch, ahead, prefetch, return_large_frees, threads_per_lane
+from .concurrency import Background, MemoryGate, Scratch, ahead, prefetch, return_large_frees, threads_per_lane
 from .scan import HeldUploads, Scan, Scanned
 from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
 from .records import (

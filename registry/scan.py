@@ -16,7 +16,7 @@ import torch
 from . import codec
 from .checkpoint import Checkpoint, TensorSpec
 from .errors import NonFiniteWeights
-from .pipeline import Background, Scratch
+from .concurrency import Background, Scratch
 
 # A push holds at most this many bytes of compressed blobs while the scan is still reading; past
 # that it waits for the scan (a slow disk), which bounds its memory.

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from registry import Registry
-from registry.demo import finetune, make_base, state_dict
+from dsreg import Registry
+from dsreg.demo import finetune, make_base, state_dict
 
 from .engines import (
     S3_BUCKET, Engine, EngineUnavailable, PostgresServer, create_database, drop_database, postgres_available, seaweedfs,
@@ -35,6 +35,30 @@ class Models:
     ft_fp16: Path
     ft_bf16: Path
     base2: Path  # an unrelated base of the same architecture
+
+
+@dataclass(frozen=True)
+class Pipelines:
+    base: Path
+    ft: Path  # UNet and text encoder trained, matrices only (what a LoRA can carry)
+    ft_unet: Path  # only the UNet trained, every parameter (a full DreamBooth fine-tune)
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory) -> Pipelines:
+    """A tiny diffusers pipeline and two real fine-tunes of it, saved with save_pretrained."""
+    from . import sd_tiny
+
+    d = tmp_path_factory.mktemp("pipelines")
+    # The same seed builds the same pipeline: the fine-tunes' configs and tokenizer files are the base's.
+    sd_tiny.tiny_pipeline(d / "tok").save_pretrained(d / "base")
+    ft = sd_tiny.tiny_pipeline(d / "tok")
+    sd_tiny.train(ft, text_encoder=True, matrices_only=True)
+    ft.save_pretrained(d / "ft")
+    ft_unet = sd_tiny.tiny_pipeline(d / "tok")
+    sd_tiny.train(ft_unet)
+    ft_unet.save_pretrained(d / "ft-unet")
+    return Pipelines(d / "base", d / "ft", d / "ft-unet")
 
 
 def _save_diffusers(sd: dict, folder: Path) -> None:
@@ -185,7 +209,7 @@ def snapshot(registry: Registry) -> dict:
     """Every catalog row and every stored object: two equal snapshots mean nothing was written."""
     import sqlalchemy as sa
 
-    from registry.catalog import Model
+    from dsreg.tables import Model
 
     rows = {}
     with registry.catalog.engine.connect() as conn:
@@ -202,7 +226,7 @@ def worker_pool(processes: int):
     take this process's environment as it is now: the server keeps the one it started with, from
     before a fixture pointed the AWS variables at this session's S3."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "registry", "registry.demo"])
+    ctx.set_forkserver_preload(["torch", "dsreg", "dsreg.demo"])
     return ctx.Pool(processes, initializer=_adopt_environment, initargs=(dict(os.environ),))
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from registry import Registry
+from dsreg import Registry
 
 
 def _run(req: dict) -> None:

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from registry.demo import reproducible
+from dsreg.demo import reproducible
 
 WORDS = "a photo of sks dog cat person in the on".split()
 TOKENS = 8

@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from cli.main import cli
-from registry import Registry
+from dsreg.cli.main import cli
+from dsreg import Registry
 
 from .conftest import snapshot
 
@@ -118,7 +118,7 @@ def test_nan_or_inf_in_the_weights(home, models, tmp_path, bad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_the_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_weights(dtype):
-    from registry.scan import _all_finite
+    from dsreg.scan import _all_finite
 
     big = torch.finfo(dtype).max
     assert _all_finite(torch.full((1000,), big, dtype=dtype))  # the fast sum overflows; the exact test passes it
@@ -266,8 +266,8 @@ def test_hostile_names_are_refused(home, models, tmp_path):
 def test_a_blob_that_would_inflate_past_its_recorded_size_is_refused():
     import zstandard
 
-    from registry import IntegrityError
-    from registry.codec import decode, encode
+    from dsreg import IntegrityError
+    from dsreg.codec import decode, encode
 
     data, raw = encode({"a": torch.zeros(1000)})
     with pytest.raises(IntegrityError, match="declares"):
@@ -282,10 +282,10 @@ def test_a_blob_that_would_inflate_past_its_recorded_size_is_refused():
 
 def test_a_bad_last_tensor_uploads_nothing_even_when_compression_is_far_ahead(home, models, tmp_path, monkeypatch):
     """The scan runs beside compression; uploads wait for it, here from the first blob on."""
-    from registry import scan
+    from dsreg import scan
 
     monkeypatch.setattr(scan, "HELD_LIMIT", 0)
-    from registry.checkpoint import open_checkpoint
+    from dsreg.checkpoint import open_checkpoint
 
     sd = dict(models.ft_sd)
     with open_checkpoint(models.ft) as ckpt:

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
+from dsreg.cli.main import cli
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from registry import IntegrityError, RankRule, UsageError, codec, deltasvd, encodings
-from registry.ranking import Allocation, LayerSpectrum, allocate, factor_blob_bound, safetensors_size
-from registry.catalog import EntryRow
-from registry.deltas import SPARSE_PROBE_COLUMNS, _sparse_rows
-from registry.demo import finetune, make_base, state_dict
+from dsreg import IntegrityError, RankRule, UsageError, codec, deltasvd, encodings
+from dsreg.ranking import Allocation, LayerSpectrum, allocate, factor_blob_bound, safetensors_size
+from dsreg.tables import EntryRow
+from dsreg.deltas import SPARSE_PROBE_COLUMNS, _sparse_rows
+from dsreg.demo import finetune, make_base, state_dict
 
 from .conftest import snapshot
 
@@ -313,7 +313,7 @@ def _options(rule: str) -> dict:
 
 
 def test_report_writes_tables_and_plots(reg_base, models, tmp_path):
-    from registry.report import write_report
+    from dsreg.report import write_report
 
     rev = reg_base.push(models.ft, "reported", budget="60kB", encoding="mixed")
     detail = reg_base.show(rev.ref)

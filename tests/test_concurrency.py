@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry import Registry
-from registry.demo import finetune, make_base, state_dict
+from dsreg import Registry
+from dsreg.demo import finetune, make_base, state_dict
 
 from .conftest import worker_pool
 

@@ -14,8 +14,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file
 
-from registry import IntegrityError, Registry
-from registry.names import Ref
+from dsreg import IntegrityError, Registry
+from dsreg.names import Ref
 
 FAULTS = ("flip", "truncate", "delete")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from registry import Registry, SubjectNotFound
-from registry.demo import finetune, make_base, state_dict
+from dsreg import Registry, SubjectNotFound
+from dsreg.demo import finetune, make_base, state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_TTL = 2.0

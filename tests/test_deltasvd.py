@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry import deltasvd, encodings
+from dsreg import deltasvd, encodings
 
 
 def test_energy_is_the_sum_of_singular_values_not_squares():

@@ -11,11 +11,11 @@ import torch
 import zstandard
 from safetensors.torch import save_file
 
-from registry import IntegrityError
-from registry.checkpoint import TensorSpec, fill_safetensors, write_safetensors
-from registry.codec import decode_into, dtype_name, encode
-from registry.directio import BLOCK, DIRECT_READ_MIN, DirectFile, RangeReader, aligned_buffer, all_cached, read_whole
-from registry.pipeline import Scratch
+from dsreg import IntegrityError
+from dsreg.checkpoint import TensorSpec, fill_safetensors, write_safetensors
+from dsreg.codec import decode_into, dtype_name, encode
+from dsreg.directio import BLOCK, DIRECT_READ_MIN, DirectFile, RangeReader, aligned_buffer, all_cached, read_whole
+from dsreg.concurrency import Scratch
 
 
 def _cuts(size: int, rng: random.Random) -> list[tuple[int, int]]:
@@ -146,7 +146,7 @@ def test_a_safetensors_file_read_cold_gives_back_its_tensors(tmp_path):
     path = tmp_path / "ft.safetensors"
     save_file(tensors, path)
     _evict(path)
-    from registry.checkpoint import open_checkpoint
+    from dsreg.checkpoint import open_checkpoint
 
     with open_checkpoint(path) as ckpt:
         for key, tensor in tensors.items():

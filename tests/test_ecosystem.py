@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,30 +11,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from registry import BaseMismatch, Registry, UsageError
+from dsreg import BaseMismatch, Registry, UsageError
 
 from . import sd_tiny
-
-
-@dataclass(frozen=True)
-class Pipelines:
-    base: Path
-    ft: Path  # UNet and text encoder trained, matrices only (what a LoRA can carry)
-    ft_unet: Path  # only the UNet trained, every parameter (a full DreamBooth fine-tune)
-
-
-@pytest.fixture(scope="session")
-def pipelines(tmp_path_factory) -> Pipelines:
-    d = tmp_path_factory.mktemp("pipelines")
-    # The same seed builds the same pipeline: the fine-tunes' configs and tokenizer files are the base's.
-    sd_tiny.tiny_pipeline(d / "tok").save_pretrained(d / "base")
-    ft = sd_tiny.tiny_pipeline(d / "tok")
-    sd_tiny.train(ft, text_encoder=True, matrices_only=True)
-    ft.save_pretrained(d / "ft")
-    ft_unet = sd_tiny.tiny_pipeline(d / "tok")
-    sd_tiny.train(ft_unet)
-    ft_unet.save_pretrained(d / "ft-unet")
-    return Pipelines(d / "base", d / "ft", d / "ft-unet")
 
 
 @pytest.fixture
@@ -233,7 +211,7 @@ def test_a_pipeline_may_leave_out_whole_components_of_its_base(local, pipelines,
 
 
 def test_lora_module_names_for_each_key_layout():
-    from registry.lora import target
+    from dsreg.lora import target
 
     ldm_te = target("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", (32, 32))
     assert ldm_te.kohya == "lora_te_text_model_encoder_layers_0_self_attn_q_proj" and ldm_te.peft is None

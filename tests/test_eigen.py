@@ -10,8 +10,8 @@ import scipy.linalg.lapack
 import torch
 from threadpoolctl import threadpool_limits
 
-from registry import deltasvd, eigen
-from registry.eigen import Tridiagonal
+from dsreg import deltasvd, eigen
+from dsreg.eigen import Tridiagonal
 
 
 def _gram(n: int, rank: int, seed: int) -> torch.Tensor:

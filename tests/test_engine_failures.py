@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from registry import Registry, StoreError
+from dsreg import Registry, StoreError
 
 from .engines import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database
 

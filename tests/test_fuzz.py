@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from registry import CheckpointError, InvalidName
-from registry.checkpoint import open_checkpoint
-from registry.names import parse_ref, validate_name
+from dsreg import CheckpointError, InvalidName
+from dsreg.checkpoint import open_checkpoint
+from dsreg.names import parse_ref, validate_name
 
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,9 +13,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from registry import Conflict, Registry
-from registry.gc import single_gc
+from dsreg.cli.main import cli
+from dsreg import Conflict, Registry
+from dsreg.gc import single_gc
 
 from .conftest import snapshot, worker_pool
 
@@ -169,14 +169,14 @@ def test_cli_rm_policy_gc(engine, models, tmp_path):
 _BLOCKED_PUSH = textwrap.dedent(
     """
     import sys, time
-    from registry import catalog
+    from dsreg import catalog
 
     def never_commits(self, new, lease_id=None):
         open(sys.argv[4], "w").write("uploaded")
         time.sleep(3600)
 
     catalog.Catalog.commit_revision = never_commits
-    from registry import Registry
+    from dsreg import Registry
     with Registry.open(sys.argv[1], sys.argv[2], home=sys.argv[3]) as r:
         r.push(sys.argv[5], "killed", base="tiny", device="cpu")
     """

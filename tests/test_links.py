@@ -6,11 +6,10 @@ import stat
 
 import pytest
 
-from registry import Registry
-from registry.errors import CheckpointError
+from dsreg import Registry
+from dsreg.errors import CheckpointError
 
 from .conftest import snapshot
-from .test_ecosystem import Pipelines, pipelines  # noqa: F401 (a session fixture)
 
 
 @pytest.fixture
@@ -47,7 +46,7 @@ def test_a_link_out_of_a_model_folder_is_refused_naming_it(local, models, tmp_pa
     _refused(local, local.add_base, folder, "other", match="notes.txt")
 
 
-def test_a_link_out_of_a_pipeline_folder_is_refused(local, pipelines, tmp_path, secret):  # noqa: F811
+def test_a_link_out_of_a_pipeline_folder_is_refused(local, pipelines, tmp_path, secret):
     folder = tmp_path / "pipe"
     shutil.copytree(pipelines.ft, folder)
     (folder / "tokenizer" / "merges.txt").symlink_to(secret)
@@ -80,7 +79,7 @@ def test_a_link_inside_the_folder_is_read_as_the_file_it_names(local, models, tm
     assert (out / shard.name).read_bytes() == (folder / "blobs" / "shard1").read_bytes()
 
 
-def test_checkout_never_gives_a_file_wider_permissions_than_its_source(local, models, pipelines, tmp_path):  # noqa: F811
+def test_checkout_never_gives_a_file_wider_permissions_than_its_source(local, models, pipelines, tmp_path):
     ft = tmp_path / "ft.safetensors"
     shutil.copyfile(models.ft, ft)
     ft.chmod(0o600)

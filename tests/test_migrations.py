@@ -5,8 +5,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from registry.catalog import Catalog, Model, create_engine
-from registry.migrate import current_revision, downgrade, head_revision, upgrade
+from dsreg.catalog import Catalog, create_engine
+from dsreg.tables import Model
+from dsreg.migrate import current_revision, downgrade, head_revision, upgrade
 
 
 def test_a_new_catalog_is_migrated_to_head(engine):
@@ -55,7 +56,7 @@ def _seed(conn, revision: str) -> None:
 
 
 def _finds_everything(url: str, sa_engine) -> None:
-    from registry.catalog import Ref
+    from dsreg.catalog import Ref
 
     catalog = Catalog(sa_engine, url)
     info = catalog.revision(Ref("corgi", 1))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry import AmbiguousBase, BaseMismatch, Registry, RevisionNotFound, SubjectNotFound
-from registry.demo import FROZEN_IN_FINETUNE
+from dsreg import AmbiguousBase, BaseMismatch, Registry, RevisionNotFound, SubjectNotFound
+from dsreg.demo import FROZEN_IN_FINETUNE
 
 from .conftest import snapshot
 
@@ -322,7 +322,7 @@ def test_fast_and_exact_methods_store_the_same_ranks_and_weights(reg_base, model
 def test_the_source_digest_is_the_sha256_of_what_was_pushed(reg_base, models, which):
     import hashlib
 
-    from registry.checkpoint import source_digest
+    from dsreg.checkpoint import source_digest
 
     path = getattr(models, which)
     rev = reg_base.push(path, "src")

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
-from registry import Registry, StoreError
-from registry.cache import BlobCache
+from dsreg.cli.main import cli
+from dsreg import Registry, StoreError
+from dsreg.cache import BlobCache
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_endpoint_as_a_store_option(remote, tmp_path, monkeypatch):
 
 
 def test_eviction_never_touches_a_write_in_progress(tmp_path):
-    from registry.blobstore import BlobStore
+    from dsreg.blobstore import BlobStore
 
     store = BlobStore(str(tmp_path / "store"))
     digest, _ = store.put(b"x" * 1000)

@@ -2,7 +2,7 @@
 
 import torch
 
-from registry.demo import finetune, make_base, state_dict
+from dsreg.demo import finetune, make_base, state_dict
 
 
 def _train(threads: int) -> dict:

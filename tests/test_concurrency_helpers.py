@@ -7,7 +7,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info
 
-from registry.pipeline import MemoryGate, ahead, prefetch, threads_per_lane
+from dsreg.concurrency import MemoryGate, ahead, prefetch, threads_per_lane
 
 
 def test_ahead_yields_in_order_and_runs_ahead_of_the_consumer():
@@ -84,14 +84,14 @@ def test_threads_per_lane_splits_and_restores_torch_threads():
 
 
 def test_threads_per_lane_also_limits_the_eigensolvers_blas():
-    """SciPy's OpenBLAS (registry.eigen) is loaded with the library (imported above), so the limit
+    """SciPy's OpenBLAS (dsreg.eigen) is loaded with the library (imported above), so the limit
     reaches it: lanes that each start a BLAS thread per core would oversubscribe the cores they share."""
 
     def eigensolver_threads() -> list[int]:
         # SciPy's wheels bundle their OpenBLAS in scipy.libs (NumPy's, also a scipy_openblas, in numpy.libs).
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "scipy.libs" in p["filepath"]]
 
-    assert eigensolver_threads(), "SciPy's BLAS is not loaded by importing registry"
+    assert eigensolver_threads(), "SciPy's BLAS is not loaded by importing dsreg"
     before = eigensolver_threads()
     with threads_per_lane(2):
         assert set(eigensolver_threads()) == {max(1, torch.get_num_threads())}
