@@ -6,6 +6,7 @@ untrusted input: they are only ever opened with ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -13,9 +14,12 @@ import mmap
 import os
 import pickle
 import pickletools
+import shutil
+import socket
 import struct
 import tempfile
 import threading
+import uuid
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -28,7 +32,7 @@ import torch
 
 from . import directio
 from .codec import DTYPES, SAFETENSORS_CODES, dtype_name
-from .errors import CheckpointError, UnsafeCheckpoint, first_line
+from .errors import CheckpointError, UnsafeCheckpoint, UsageError, first_line
 from .concurrency import Scratch
 
 log = logging.getLogger(__name__)
@@ -718,3 +722,52 @@ def _write_weights(path: Path, specs, tensors, metadata) -> None:
         write_safetensors(path, specs, tensors, metadata)
     else:
         write_pickle(path, specs, tensors)
+
+
+# ---------------------------------------------------------------- whole or nothing
+
+
+def write_atomically(output: Path, write: Callable[[Path], None], layout: Layout | None = None) -> None:
+    """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing.
+    With ``layout``, no file gets wider permissions than its source had (``restrict_modes``)."""
+    output = output.absolute()
+    if output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
+    tmp = output.parent / f".{output.name}.dsreg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if layout is not None:
+            restrict_modes(tmp, layout)
+        if output.is_dir():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporaries of earlier writes to ``output`` whose process died without cleaning up (kill -9).
+
+    Only those written on this host by a process that no longer exists: a live writer's are its own.
+    """
+    prefix = f".{output.name}.dsreg-{socket.gethostname()}-"
+    for tmp in output.parent.glob(f".{glob.escape(output.name)}.dsreg-*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0] if tmp.name.startswith(prefix) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(tmp)
+        except PermissionError:  # alive, another user's
+            pass

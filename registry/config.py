@@ -115,3 +115,16 @@ def parse_duration(value: str) -> float:
         raise UsageError(f"cannot read {value!r} as a duration; write e.g. 0, 90s, 30m, 6h or 7d")
     number, unit = match.groups()
     return float(number) * _SECONDS[unit or "s"]
+
+
+def resolve_device(device: str):
+    """``auto``, ``cpu`` or ``cuda`` as a ``torch.device``; ``auto`` is the GPU when torch sees one."""
+    import torch  # here, not at the top: the CLI reads settings without paying for torch's import
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)

@@ -84,3 +84,9 @@ class StoreError(DsregError):
     """The catalog or object store could not be reached or written."""
 
     exit_code = 8
+
+
+def check_choice(what: str, value: str, choices) -> None:
+    """A UsageError naming the choices, unless ``value`` is one of them."""
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")

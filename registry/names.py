@@ -57,3 +57,8 @@ def auto_number(name: str) -> int | None:
     """The N of an automatically assigned ``subject-N``, or None for any other name."""
     match = _AUTO.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+def as_ref(ref: str | Ref) -> Ref:
+    """A ``SUBJECT[@REV]`` string or a Ref, as a Ref."""
+    return parse_ref(ref) if isinstance(ref, str) else ref

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``; the CLI turns it into progress bars."""
+
+
+def quiet(stage: str, done: int, total: int) -> None:
+    """The progress callback that reports nothing."""
 
 
 def _ratio(original: int, stored: int) -> float:

@@ -1,0 +1,117 @@
+"""Bases: storing one (each tensor once per content digest), and reading its tensors back.
+
+A base is the shared half of every subject: push, checkout, load and export all read its
+tensors through :func:`base_tensor`, and find the part a checkpoint was made from with
+:func:`base_map`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import torch
+
+from . import codec
+from .catalog import BaseTensor, BlobRecord, Catalog, Lease
+from .checkpoint import Checkpoint, open_checkpoint
+from .concurrency import Background, Scratch
+from .config import BASE_ZSTD_LEVEL
+from .errors import Conflict
+from .names import validate_name
+from .records import BaseInfo, Progress, quiet
+from .scan import Scan, Scanned
+
+
+def writer_lease(reg, what: str) -> Lease:
+    """A lease on what a write makes live, named for the host and process that holds it."""
+    return reg.catalog.lease(f"{what} on {socket.gethostname()} pid {os.getpid()}", reg.settings.lease_ttl)
+
+
+def scan_all(ckpt: Checkpoint, progress: Progress) -> Scanned:
+    with Scan(ckpt, progress) as scan:
+        return scan.result()
+
+
+def add_base(reg, path: str | os.PathLike, name: str, progress: Progress | None = None) -> tuple[BaseInfo, bool]:
+    """Store a base model; returns (base, whether it was new). Adding the same weights again is a no-op."""
+    validate_name(name, "base")
+    progress = progress or quiet
+    with open_checkpoint(path) as ckpt:
+        scanned = scan_all(ckpt, progress)
+        digest = manifest_digest(scanned)
+        existing = reg.catalog.base_by_digest(digest)
+        if existing is not None:
+            return existing, False
+        if any(b.name == name for b in reg.catalog.bases()):
+            raise Conflict(f"a different base is already named {name!r}; choose another --name")
+        with writer_lease(reg, f"base add {name}") as lease:
+            tensors, blobs = _upload_base_tensors(reg, ckpt, scanned, lease, progress)
+            return reg.catalog.add_base(name, digest, ckpt.layout.to_json(), tensors, blobs, scanned.nbytes, lease.id), True
+
+
+def _upload_base_tensors(reg, ckpt: Checkpoint, scanned: Scanned, lease: Lease, progress: Progress):
+    tensors: list[BaseTensor] = []
+    blobs: dict[str, BlobRecord] = {}
+    by_tensor: dict[str, BlobRecord] = {}
+    shared = reg.catalog.blobs_for_tensors([scanned.digests[spec.key] for spec in scanned.specs])
+    lease.claim([blob.digest for blob in shared.values()])
+    with Background() as uploads:
+        for i, spec in enumerate(scanned.specs):
+            tdigest = scanned.digests[spec.key]
+            blob = by_tensor.get(tdigest)
+            if blob is None:
+                blob = shared.get(tdigest)
+                if blob is not None and not reg.store.exists(blob.digest):  # its base was removed and collected since the lookup
+                    blob = None
+            if blob is None:
+                data, raw = codec.encode({"tensor": ckpt.get(spec.key)}, level=BASE_ZSTD_LEVEL)
+                blob = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), raw)
+                lease.claim([blob.digest])
+                uploads.submit(reg.store.put, data, blob.digest)
+            by_tensor[tdigest] = blob
+            blobs[blob.digest] = blob
+            tensors.append(BaseTensor(spec.key, spec.dtype, spec.shape, tdigest, blob.digest, blob.raw_size))
+            progress("upload", i + 1, len(scanned.specs))
+        uploads.wait()
+    return tensors, list(blobs.values())
+
+
+def base_map(catalog: Catalog, name: str, component: str | None = None) -> dict[str, BaseTensor]:
+    """A base's tensors by key; of a pipeline base's ``component``, by key inside that component."""
+    tensors = catalog.base_tensors(name)
+    if component is None:
+        return {t.key: t for t in tensors}
+    return component_tensors(tensors, component, catalog.base_layout(name))
+
+
+def base_tensor(reg, t: BaseTensor, blobs: Scratch | None = None) -> torch.Tensor:
+    """A base tensor, decoded into fresh memory; with ``blobs``, its stored frame is read into the
+    thread's reused buffer (from the disk itself, for a local store) rather than a fresh one."""
+    if blobs is None:
+        return codec.decode(reg.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+    data = reg.base_blobs.read_into(t.blob, blobs)
+    try:
+        return codec.decode(data, t.raw_size, f"base tensor {t.key!r}")["tensor"]
+    finally:
+        data.release()
+
+
+def component_tensors(tensors: list[BaseTensor], component: str, layout: dict) -> dict[str, BaseTensor]:
+    """One component's weights of a pipeline base, by their key inside the component."""
+    prefix = f"{component}/"
+    files = set(layout.get("file_keys") or ())
+    return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix) and t.key not in files}
+
+
+def is_file_key(key: str, t: BaseTensor) -> bool:
+    """A pipeline file in a base (stored as 1-D uint8): a fine-tune may lack it."""
+    return t.dtype == "uint8" and len(t.shape) == 1 and "/" in key
+
+
+def manifest_digest(scanned: Scanned) -> str:
+    h = hashlib.sha256()
+    for spec in scanned.specs:
+        h.update(f"{spec.key}\0{scanned.digests[spec.key]}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,172 @@
+"""Checkout: rebuild a revision's full checkpoint, W_base + ΔW per tensor, written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import codec, deltas
+from .bases import base_map, base_tensor
+from .catalog import BaseTensor, StoredEntry
+from .checkpoint import FORMATS, PICKLE_SUFFIXES, Layout, TensorSpec, fill_safetensors, write_atomically, write_checkpoint
+from .concurrency import Scratch, ahead, prefetch, threads_per_lane
+from .config import resolve_device
+from .errors import IntegrityError, UsageError
+from .names import Ref, as_ref
+from .records import CheckoutResult, Progress, quiet
+
+# Tensors a safetensors checkout forms side by side. Each lane reads a base blob straight from the
+# disk, hashes it, inflates it into its output buffer and adds A·B there; a third lane keeps two
+# cores busy while one waits for the disk, at the cost of a reusable buffer for the largest blob
+# and tensor per lane (docs/performance.md).
+CHECKOUT_LANES = 3
+
+_FORMAT_ALIASES = {"safetensors": "safetensors", "ckpt": "pickle", "pickle": "pickle", "pt": "pickle", "diffusers": "diffusers"}
+
+
+def checkout(
+    reg,
+    ref: str | Ref,
+    output: str | os.PathLike | None = None,
+    *,
+    format: str | None = None,
+    device: str = "auto",
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> CheckoutResult:
+    """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
+
+    With ``verify``, every tensor stored losslessly is hashed and compared with the digest its
+    push recorded; a mismatch raises IntegrityError and writes nothing.
+    """
+    ref = as_ref(ref)
+    dev = resolve_device(device)
+    progress = progress or quiet
+    info = reg.catalog.revision(ref)
+    recorded = reg.catalog.revision_layout(Ref(info.subject, info.number))
+    pushed = Layout.from_json(recorded)
+    entries = reg.catalog.entries(Ref(info.subject, info.number))
+    base = base_map(reg.catalog, info.base, recorded.get("base_component"))
+    output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
+    layout = _output_layout(pushed, output, format)
+    specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
+    checked = DigestCheck(info.ref, entries) if verify else None
+    if layout.format == "safetensors":
+        def fill(i: int, out: torch.Tensor) -> None:
+            _rebuild_into(reg, entries[i], base, out, dev, blobs)
+            if checked is not None:
+                checked.check(entries[i], out)
+
+        lanes = CHECKOUT_LANES
+        with Scratch() as blobs, threads_per_lane(lanes):
+            write_atomically(output, lambda tmp: fill_safetensors(
+                tmp, specs, fill, layout.metadata, workers=lanes, done=lambda n: progress("checkout", n, len(specs))
+            ), layout)
+    else:
+        # The rebuild runs a tensor ahead of the writer: matrix products and file writes overlap.
+        tensors = ahead(_rebuild(reg, entries, base, dev, progress))
+        if checked is not None:
+            tensors = checked.wrap(tensors)
+        write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout)
+    return CheckoutResult(
+        info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev),
+        verified=checked.verified if checked else 0, lossy=checked.lossy if checked else 0,
+    )
+
+
+def _rebuild_into(reg, entry: StoredEntry, base: dict[str, BaseTensor], out: torch.Tensor, device: torch.device, blobs: Scratch) -> None:
+    """Form an entry's tensor in ``out``: the base inflated into it, then the delta added.
+
+    The base blob is read into this thread's ``blobs`` buffer and inflated straight into
+    ``out``, so the weights are copied once on their way into the checkpoint.
+    """
+    try:
+        stored = entry_blob(reg, entry)
+        if entry.kind != "full":
+            t = base[entry.key]
+            if t.dtype == entry.dtype:
+                data = reg.base_blobs.read_into(t.blob, blobs)
+                try:
+                    codec.decode_into(data, t.raw_size, out, f"base tensor {t.key!r}")
+                finally:
+                    data.release()
+            else:
+                out.copy_(base_tensor(reg, t, blobs))
+    except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
+        raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
+    deltas.apply(entry.kind, out, stored, device)
+
+
+def entry_blob(reg, entry: StoredEntry) -> dict[str, torch.Tensor] | None:
+    """An entry's own blob (factors, delta, rows, ...), decoded; None for an entry without one."""
+    return codec.decode(reg.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
+
+
+def _rebuild(reg, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:
+    def load(entry: StoredEntry):
+        try:
+            stored = entry_blob(reg, entry)
+            bt = base_tensor(reg, base[entry.key]) if entry.kind != "full" else None
+        except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
+            raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
+        return entry, bt, stored
+
+    for i, (entry, bt, stored) in enumerate(prefetch(load, entries, window=4, workers=4)):
+        yield deltas.rebuild(entry.kind, codec.dtype_of(entry.dtype), bt, stored, device)
+        progress("checkout", i + 1, len(entries))
+
+
+class DigestCheck:
+    """Hashes each rebuilt tensor that was stored losslessly and compares it with the push's digest."""
+
+    def __init__(self, ref: str, entries: list[StoredEntry]):
+        self.ref, self.entries = ref, entries
+        self.lossy = sum(entry.kind not in deltas.LOSSLESS_KINDS for entry in entries)
+        self.verified = len(entries) - self.lossy  # once every check has passed
+
+    def check(self, entry: StoredEntry, tensor: torch.Tensor) -> None:
+        if entry.kind in deltas.LOSSLESS_KINDS and codec.tensor_digest(tensor) != entry.tensor_digest:
+            raise IntegrityError(
+                f"{self.ref}: tensor {entry.key!r} does not rebuild to the digest recorded at push; nothing was written"
+            )
+
+    def wrap(self, tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for entry, tensor in zip(self.entries, tensors):
+            self.check(entry, tensor)
+            yield tensor
+
+
+def _default_suffix(layout: Layout) -> str:
+    return {"safetensors": ".safetensors", "pickle": ".ckpt", "diffusers": "", "pipeline": ""}[layout.format]
+
+
+def _output_layout(pushed: Layout, output: Path, fmt: str | None) -> Layout:
+    if pushed.format == "pipeline":
+        if fmt not in (None, "diffusers") or output.suffix.lower() == ".safetensors" or output.suffix.lower() in PICKLE_SUFFIXES:
+            raise UsageError("a diffusers pipeline checks out as a folder: give -o a folder name, without --format safetensors or ckpt")
+        return pushed
+    if fmt is not None:
+        if fmt not in _FORMAT_ALIASES:
+            raise UsageError(f"unknown format {fmt!r}; use safetensors, ckpt or diffusers")
+        fmt = _FORMAT_ALIASES[fmt]
+    elif output.suffix.lower() == ".safetensors":
+        fmt = "safetensors"
+    elif output.suffix.lower() in PICKLE_SUFFIXES:
+        fmt = "pickle"
+    elif output.is_dir() or (output.suffix == "" and pushed.format == "diffusers"):
+        fmt = "diffusers"
+    else:
+        fmt = pushed.format
+    assert fmt in FORMATS
+    if fmt == pushed.format:
+        return pushed
+    # A single file's permissions carry over to a single file of another format.
+    single = {"": pushed.modes[""]} if pushed.modes and "" in pushed.modes else None
+    if fmt == "safetensors":
+        return Layout("safetensors", metadata=pushed.metadata, modes=single)
+    if fmt == "pickle":
+        return Layout("pickle", wrapper=pushed.wrapper, modes=single)
+    return Layout("diffusers", files=pushed.files, weights_name="diffusion_pytorch_model.safetensors")

@@ -1,0 +1,363 @@
+"""Push: compress a fine-tune against its base and record it as a revision; sweep: what each rule
+would store, without storing anything. Both find the base a checkpoint fits here.
+
+Ordering (docs/format.md, "Write ordering"): every blob is claimed by the push's lease before it
+is checked for or uploaded, all blobs are uploaded before the one catalog transaction that records
+the revision, and nothing is uploaded until the scan has passed the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import deltas, deltasvd
+from .bases import base_tensor, component_tensors, is_file_key, scan_all, writer_lease
+from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
+from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
+from .config import DEFAULT_ENCODING, resolve_device
+from .encodings import ENCODINGS
+from .errors import AmbiguousBase, BaseMismatch, UsageError, check_choice
+from .layers import key_layout
+from .names import validate_name
+from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
+from .records import Progress, RevisionInfo, SweepRow, numel, quiet
+from .scan import HeldUploads, Scan, Scanned
+
+# Budget pushes spend what zstd saved below the planned bounds in up to this many more rounds,
+# while more than this share of the budget is left.
+TOPUP_ROUNDS = 2
+TOPUP_MIN = 0.01
+
+# Layers decomposed side by side on the CPU, how many more may start past the oldest one still
+# running, and the bytes of tensors they may hold together, as the gate estimates them (high: a
+# waiting layer holds two fp32 copies, not five). With fewer (3 ahead, 800 MB) one lane often
+# stood idle behind a large layer (docs/performance.md has the pushes side by side).
+COMPRESS_LANES = 2
+COMPRESS_AHEAD = 8
+COMPRESS_MEMORY = 1200 << 20
+
+# A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
+DETECT_MARGIN = 0.5
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """How a push compresses: the rank rule, the factors' encoding, the decomposition and the device."""
+
+    rule: RankRule
+    encoding: str
+    method: str
+    device: torch.device
+
+
+def push(
+    reg,
+    path: str | os.PathLike,
+    subject: str | None = None,
+    *,
+    base: str | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    budget: int | str | None = None,
+    exact: bool = False,
+    encoding: str = DEFAULT_ENCODING,
+    method: str = "gram",
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> RevisionInfo:
+    """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
+
+    Ranks come from one of: ``energy`` (the paper's tau, default 0.5), ``max_error`` (per tensor,
+    relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
+    or ``exact`` (lossless: checkout is bit-identical).
+    """
+    if subject is not None:
+        validate_name(subject)
+    check_choice("encoding", encoding, ENCODINGS)
+    check_choice("method", method, deltasvd.METHODS)
+    rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
+    opts = PushOptions(rule, encoding, method, resolve_device(device))
+    progress = progress or quiet
+    with open_checkpoint(path) as ckpt, Scan(ckpt, progress) as scan:
+        base_name = base or detect_base(reg, ckpt, scan)
+        base_tensors, component = fitting_base(reg.catalog, base_name, scan)
+        layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
+        if component is not None:
+            layout["base_component"] = component
+        with writer_lease(reg, f"push {subject or 'new subject'}") as lease:
+            entries = _compress(reg, ckpt, scan, base_tensors, lease, opts, progress)
+            scanned = scan.result()
+            new = NewRevision(
+                subject=subject, base_id=reg.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
+                rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
+                source_format=ckpt.layout.format, layout=layout,
+                entries=tuple(entries),
+            )
+            return reg.catalog.commit_revision(new, lease.id)
+
+
+def sweep(
+    reg,
+    path: str | os.PathLike,
+    rules: list[RankRule | str],
+    encodings: list[str] = (DEFAULT_ENCODING,),
+    *,
+    base: str | None = None,
+    method: str = "gram",
+    progress: Progress | None = None,
+) -> list[SweepRow]:
+    """Stored bytes and error of a checkpoint under each rule and encoding, without storing anything.
+
+    One read and one spectrum per tensor serve every row, so a sweep costs about one push.
+    """
+    rules = [RankRule.parse(r) if isinstance(r, str) else r for r in rules]
+    for encoding in encodings:
+        check_choice("encoding", encoding, ENCODINGS)
+    check_choice("method", method, deltasvd.METHODS)
+    progress = progress or quiet
+    return_large_frees()
+    with open_checkpoint(path) as ckpt:
+        scanned = scan_all(ckpt, progress)
+        base_tensors, _ = fitting_base(reg.catalog, base or detect_base(reg, ckpt, scanned), scanned)
+        changed = _changed(scanned, base_tensors)
+        layers, fixed = [], []
+
+        def load(spec: TensorSpec):
+            return spec, ckpt.get(spec.key), base_tensor(reg, base_tensors[spec.key]) if spec.key in base_tensors else None
+
+        for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
+            s = deltas.survey(ft, bt, method)
+            if s is not None:
+                layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s))
+            elif bt is None or not deltas.same_bits(bt.to(ft.dtype), ft):
+                fixed.append(FixedTensor(spec.key, ft.numel(), None if ft.is_floating_point() else ft.element_size()))
+            progress("survey", i + 1, len(changed))
+    rows = []
+    for rule in rules:
+        for encoding in encodings:
+            params, nbytes, error, worst = estimate(layers, fixed, rule, encoding)
+            rows.append(SweepRow(str(rule), encoding, params, nbytes, scanned.nbytes, error, worst))
+    return rows
+
+
+def fitting_base(catalog: Catalog, name: str, scanned: Scanned | Scan) -> tuple[dict[str, BaseTensor], str | None]:
+    tensors, component, problem = _fit(catalog, name, scanned)
+    if problem:
+        raise BaseMismatch(f"checkpoint does not fit base {name!r}: {problem}")
+    return tensors, component
+
+
+def _fit(catalog: Catalog, name: str, scanned: Scanned | Scan) -> tuple[dict[str, BaseTensor] | None, str | None, str | None]:
+    """(tensors, component, None) for the part of base ``name`` that the checkpoint fits: the whole
+    base, or one component of a pipeline base (a UNet folder pushed against a whole pipeline);
+    else (None, None, why not)."""
+    tensors = catalog.base_tensors(name)
+    whole = {t.key: t for t in tensors}
+    problem = _mismatch(scanned, whole)
+    if problem is None:
+        return whole, None, None
+    layout = catalog.base_layout(name)
+    for component in layout.get("components") or {}:
+        part = component_tensors(tensors, component, layout)
+        if part and _mismatch(scanned, part) is None:
+            return part, component, None
+    return None, None, problem
+
+
+def detect_base(reg, ckpt: Checkpoint, scanned: Scanned | Scan) -> str:
+    bases = reg.catalog.bases()
+    if not bases:
+        raise BaseMismatch("no base is registered; add one first with `dsreg base add FILE --name NAME`")
+    fitting: dict[str, dict[str, BaseTensor]] = {}
+    reasons = []
+    for b in bases:
+        tensors, _, problem = _fit(reg.catalog, b.name, scanned)
+        if problem:
+            reasons.append(f"{b.name} ({problem})")
+        else:
+            fitting[b.name] = tensors
+    if not fitting:
+        raise BaseMismatch("no registered base fits this checkpoint: " + "; ".join(reasons[:5]))
+    if len(fitting) == 1:
+        return next(iter(fitting))
+    digests = (scanned.result() if isinstance(scanned, Scan) else scanned).digests
+    identical = {n: sum(digests.get(k) == t.tensor_digest for k, t in ts.items()) for n, ts in fitting.items()}
+    ranked = sorted(fitting, key=lambda n: identical[n], reverse=True)
+    if identical[ranked[0]] > identical[ranked[1]]:
+        return ranked[0]
+    distance = {n: _delta_norm(reg, ckpt, fitting[n]) for n in ranked}
+    ranked.sort(key=distance.get)
+    if distance[ranked[0]] < DETECT_MARGIN * distance[ranked[1]]:
+        return ranked[0]
+    listed = ", ".join(f"{n} (relative delta {distance[n]:.3g})" for n in ranked)
+    raise AmbiguousBase(f"cannot tell which base this fine-tune came from: {listed}; name one with --base")
+
+
+def _delta_norm(reg, ckpt: Checkpoint, base: dict[str, BaseTensor], sample: int = 8) -> float:
+    """Relative size of the delta over a few of the largest floating tensors."""
+    specs = sorted((s for s in ckpt.specs if s.dtype in ("float32", "float16", "bfloat16", "float64")), key=lambda s: -s.nbytes)
+    num = den = 0.0
+    for spec in specs[:sample]:
+        ft = ckpt.get(spec.key).float()
+        bt = base_tensor(reg, base[spec.key]).float()
+        num += float(torch.linalg.vector_norm(ft - bt)) ** 2
+        den += float(torch.linalg.vector_norm(ft)) ** 2
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def _compress(
+    reg, ckpt: Checkpoint, scan: Scan, base: dict[str, BaseTensor], lease: Lease, opts: PushOptions, progress: Progress
+) -> list[NewEntry]:
+    rule, encoding, method, device = opts.rule, opts.encoding, opts.method, opts.device
+    return_large_frees()
+    specs = scan.specs
+
+    def unchanged(spec: TensorSpec) -> bool:  # the scan's digest says so, without reading the base
+        return spec.key in base and scan.digest(spec.key) == base[spec.key].tensor_digest
+
+    def load(spec: TensorSpec, blobs: Scratch | None = None):
+        return spec, ckpt.get(spec.key), base_tensor(reg, base[spec.key], blobs) if spec.key in base else None
+
+    done: dict[str, deltas.Stored] = {}
+    if rule.mode == "budget":  # the plan needs every changed layer's spectrum first
+        changed = _changed(scan.result(), base)
+        done = {s.key: deltas.Stored("base") for s in specs if s not in changed}
+        done.update(_compress_to_budget(load, changed, opts, progress))
+    entries: dict[str, NewEntry] = {}
+    # On the CPU, LANES layers are decomposed side by side (see threads_per_lane). Layers are read
+    # up to COMPRESS_AHEAD past the oldest one still running, so that a lane that finishes a small
+    # layer takes the next one rather than waiting for a large one to be recorded in order; the
+    # memory gate, not the window, keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target).
+    lanes = COMPRESS_LANES if device.type == "cpu" else 1
+    gate = MemoryGate(COMPRESS_MEMORY)
+
+    def gated_load(spec: TensorSpec):
+        if unchanged(spec):
+            return spec, None, None, 0
+        # Fine-tune, base, delta and residual in fp32, and the factors being formed: at τ 0.8 they
+        # and their projection hold as much again as one of those.
+        weight = 5 * numel(spec.shape) * 4
+        gate.acquire(weight)
+        try:
+            return (*load(spec, blobs), weight)
+        except BaseException:
+            gate.release(weight)
+            raise
+
+    def compress_one(item) -> tuple[TensorSpec, deltas.Stored]:
+        spec, ft, bt, weight = item
+        try:
+            if ft is None:
+                return spec, deltas.Stored("base")
+            return spec, deltas.compress(ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True)
+        finally:
+            gate.release(weight)
+
+    with Scratch() as blobs, Background(workers=4, limit=4) as background, threads_per_lane(lanes):
+        uploads = HeldUploads(scan, background)
+        for key, stored in done.items():
+            entries[key] = _record(reg, scan.specs_by_key[key], stored, scan.digest(key), lease, uploads)
+        todo = [s for s in specs if s.key not in done]
+        loaded = prefetch(gated_load, todo, window=1, workers=1)
+        for i, (spec, stored) in enumerate(prefetch(compress_one, loaded, window=lanes + COMPRESS_AHEAD, workers=lanes)):
+            entries[spec.key] = _record(reg, spec, stored, scan.digest(spec.key), lease, uploads)
+            progress("compress", i + 1, len(todo))
+        uploads.release()
+        background.wait()
+    result = [entries[s.key] for s in specs]
+    if rule.mode == "budget":
+        total = sum({e.blob.digest: e.blob.size for e in result if e.blob}.values())
+        assert total <= rule.value, f"budget planning is an upper bound, yet {total} > {rule.value}"
+    return result
+
+
+def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, progress: Progress) -> dict[str, deltas.Stored]:
+    """A budget push, before anything is uploaded (what it keeps in memory is budget-sized).
+
+    Pass one stores what has no rank (1-D deltas, integer tensors) and takes every 2-D delta's
+    spectrum; the rest of the budget is allocated by upper bounds and the layers compressed.
+    zstd then usually leaves some of the budget unspent: up to TOPUP_ROUNDS more rounds give it
+    to the layers that gain most, re-compressing only those, each round still within bounds.
+    """
+    rule, encoding, method, device = opts.rule, opts.encoding, opts.method, opts.device
+    stored: dict[str, deltas.Stored] = {}
+    layers = []
+    for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
+        s = deltas.survey(ft.to(device), bt.to(device), method)
+        if s is None:
+            stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
+        else:
+            layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
+        progress("survey", i + 1, len(changed))
+    fixed = sum({st.digest: len(st.data) for st in stored.values() if st.data is not None}.values())
+    if fixed > rule.value:
+        raise UsageError(
+            f"--budget {int(rule.value)} bytes is below the {fixed} bytes that the tensors without a rank "
+            "(1-D deltas, integer tensors) take on their own; raise the budget"
+        )
+    room = int(rule.value) - fixed
+    plan = allocate(layers, room, encoding)
+    todo = {layer.key for layer in layers}
+    for _ in range(1 + TOPUP_ROUNDS):
+        specs = [s for s in changed if s.key in todo]
+        for i, (spec, ft, bt) in enumerate(prefetch(load, specs, window=2, workers=2)):
+            stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key])
+            progress("compress", i + 1, len(specs))
+        paid = {layer.key: len(stored[layer.key].data or b"") for layer in layers}
+        left = room - sum(paid.values())
+        if left < TOPUP_MIN * rule.value:
+            break
+        topped = allocate(layers, left, encoding, start=plan, paid=paid)
+        todo = {key for key in topped if topped[key] != plan[key]}
+        if not todo:
+            break
+        plan = topped
+    return stored
+
+
+def _record(reg, spec: TensorSpec, stored: deltas.Stored, tdigest: str, lease: Lease, uploads: HeldUploads) -> NewEntry:
+    blob = None
+    if stored.data is not None:
+        blob = BlobRecord(stored.digest, len(stored.data), stored.raw_size)
+        lease.claim([blob.digest])  # before the upload checks whether the blob exists
+        uploads.submit(reg.store.put, stored.data, blob.digest)
+    return NewEntry(
+        spec.key, stored.kind, spec.dtype, spec.shape, stored.rank, stored.full_rank, stored.rel_error, tdigest, blob, stored.encoding
+    )
+
+
+def _changed(scanned: Scanned, base: dict[str, BaseTensor]) -> list[TensorSpec]:
+    return [s for s in scanned.specs if s.key not in base or scanned.digests[s.key] != base[s.key].tensor_digest]
+
+
+def _mismatch(scanned: Scanned | Scan, base: dict[str, BaseTensor]) -> str | None:
+    """Why a checkpoint does not fit a base, or None. A pipeline's files need not match: they are stored whole."""
+    keys = {s.key for s in scanned.specs}
+    # A pipeline may leave out whole components of its base (a fine-tune saved without the safety checker).
+    present = {k.split("/", 1)[0] for k in keys if "/" in k} if scanned.file_keys else None
+    missing = sorted(
+        k for k in set(base) - keys
+        if not is_file_key(k, base[k]) and not (present is not None and "/" in k and k.split("/", 1)[0] not in present)
+    )
+    extra = sorted(keys - set(base) - scanned.file_keys)
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} keys not in the base, e.g. {extra[0]!r}")
+        if missing:
+            parts.append(f"{len(missing)} base keys missing, e.g. {missing[0]!r}")
+        theirs, ours = key_layout(keys), key_layout(base)
+        if theirs != ours:
+            parts.append(f"the checkpoint is {theirs}, the base {ours}")
+        return ", ".join(parts)
+    for s in scanned.specs:
+        if s.key in scanned.file_keys or s.key not in base:
+            continue
+        if s.shape != base[s.key].shape:
+            return f"tensor {s.key!r} has shape {list(s.shape)}, the base has {list(base[s.key].shape)}"
+    return None
