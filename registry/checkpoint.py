@@ -16,7 +16,6 @@ import pickle
 import pickletools
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import uuid
@@ -30,8 +29,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from . import directio
-from .codec import DTYPES, SAFETENSORS_CODES, dtype_name
+from . import directio, safetensors_format
+from .codec import DTYPES, dtype_name
 from .errors import CheckpointError, UnsafeCheckpoint, UsageError, first_line
 from .concurrency import Scratch
 
@@ -43,8 +42,6 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 PIPELINE_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".gguf"}
 PIPELINE_FILE_LIMIT = 64 << 20
-_ST_DTYPES = SAFETENSORS_CODES
-_ST_MAX_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -228,27 +225,10 @@ def _open_safetensors(path: Path) -> Checkpoint:
     A map of a 3.4 GB file leaves every page it touched resident in the process; reading one
     tensor at a time into its own buffer keeps a push's memory at about one layer.
     """
-    n, header = _read_header(path)
-    order = _safetensors_order(path, n, header)
+    n, entries, metadata = _read_header(path)
     base = 8 + n
-    specs: list[TensorSpec] = []
-    offsets: dict[str, tuple[int, int]] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        shape = info.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{path}: safetensors entry {key!r} has a malformed shape")
-        spec = TensorSpec(key, _safetensors_dtype(path, key, info.get("dtype")), tuple(shape))
-        start, stop = info["data_offsets"]
-        if stop - start != spec.nbytes:
-            raise CheckpointError(f"{path}: tensor {key!r} declares {spec.nbytes} bytes of data but spans {stop - start}")
-        specs.append(spec)
-        offsets[key] = (base + start, spec.nbytes)
-    specs.sort(key=lambda s: order[s.key])
-    metadata = header.get("__metadata__")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: safetensors __metadata__ is not a JSON object")
+    specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
+    offsets = {e.key: (base + e.start, e.stop - e.start) for e in entries}
     by_key = {s.key: s for s in specs}
     reader = directio.RangeReader(path)
     lock = threading.Lock()
@@ -282,53 +262,16 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, specs, Layout("safetensors", metadata=metadata or None), get, reader.close, streamed)
 
 
-def _safetensors_dtype(path: Path, key: str, code: str) -> str:
-    for name, st in _ST_DTYPES.items():
-        if st == code:
-            return name
-    raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
-
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    """(header length, parsed header) of a safetensors file, checked against the file's size."""
+def _read_header(path: Path) -> tuple[int, list[safetensors_format.Entry], dict[str, str] | None]:
+    """(header length, tensors in data order, metadata) of a safetensors file, checked against its size."""
     size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _ST_MAX_HEADER):
-            raise CheckpointError(f"{path}: safetensors header claims {n} bytes, the file has {size}")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    return n, header
-
-
-def _safetensors_order(path: Path, n: int, header: dict) -> dict[str, int]:
-    """Each key's position in the file; also checks that the tensors tile the data section exactly."""
-    data_len = path.stat().st_size - 8 - n
-    entries = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CheckpointError(f"{path}: safetensors entry {key!r} is malformed")
-        entries.append((key, offsets[0], offsets[1]))
-    entries.sort(key=lambda e: (e[1], e[2]))
-    end = 0
-    for key, start, stop in entries:
-        if start != end or stop < start or stop > data_len:
-            raise CheckpointError(
-                f"{path}: truncated or corrupt safetensors file: tensor {key!r} spans bytes {start}-{stop}, "
-                f"the data section has {data_len}"
-            )
-        end = stop
-    return {key: i for i, (key, _, _) in enumerate(entries)}
+    try:
+        with open(path, "rb") as fh:
+            n = safetensors_format.header_length(fh.read(8), size)
+            entries, metadata = safetensors_format.parse_header(fh.read(n), size - 8 - n)
+    except safetensors_format.FormatError as exc:
+        raise CheckpointError(f"{path}: safetensors file: {exc}") from None
+    return n, entries, metadata
 
 
 def _torch_load(path: Path) -> object:
@@ -605,17 +548,7 @@ def fill_safetensors(
 
 def _safetensors_header(specs: list[TensorSpec], metadata: dict | None) -> tuple[bytes, list[int]]:
     """The length prefix and JSON header of a safetensors file of ``specs``, and each tensor's data offset."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offsets, offset = [], 0
-    for spec in specs:
-        header[spec.key] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offsets.append(offset)
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob, offsets
+    return safetensors_format.build_header([(s.key, s.dtype, s.shape) for s in specs], metadata)
 
 
 def _check_tensor(spec: TensorSpec, tensor: torch.Tensor) -> None:
@@ -634,8 +567,7 @@ def write_pickle(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Te
         write_safetensors(Path(stage.name), specs, tensors)
         # ACCESS_COPY: torch wants writable buffers; private pages stay backed by the file until written.
         with open(stage.name, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            header_len = struct.unpack("<Q", mapped[:8])[0]
-            base = 8 + header_len
+            base = 8 + safetensors_format.header_length(mapped[:8], len(mapped))
             state: dict[str, torch.Tensor] = {}
             offset = 0
             for spec in specs:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,6 +11,7 @@ import torch
 import zstandard
 
 from .config import ZSTD_LEVEL
+from . import safetensors_format
 from .errors import IntegrityError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -27,13 +27,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 
-
-# safetensors' dtype codes (a blob is a safetensors file; checkpoints may be too).
-SAFETENSORS_CODES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
-_FROM_CODE = {code: DTYPES[name] for name, code in SAFETENSORS_CODES.items()}
 
 # The integer dtype of each item size: bit-level views of float tensors (exact deltas, bit equality).
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -84,7 +77,8 @@ def decode(data: bytes, raw_size: int, name: str = "blob") -> dict[str, torch.Te
         _read_exactly(reader, memoryview(raw.numpy()), name)
         _check_end(reader, raw_size, name)
     header_size = _header_size(raw[:8].numpy().tobytes(), raw_size, name)
-    return _views(raw[8 + header_size :], _entries(raw[8 : 8 + header_size].numpy().tobytes(), name), name)
+    entries = _entries(raw[8 : 8 + header_size].numpy().tobytes(), raw_size - 8 - header_size, name)
+    return _views(raw[8 + header_size :], entries)
 
 
 def decode_into(data: bytes | memoryview, raw_size: int, out: torch.Tensor, name: str = "blob") -> None:
@@ -98,9 +92,9 @@ def decode_into(data: bytes | memoryview, raw_size: int, out: torch.Tensor, name
         _read_exactly(reader, memoryview(prefix), name)
         header = bytearray(_header_size(bytes(prefix), raw_size, name))
         _read_exactly(reader, memoryview(header), name)
-        entries = _entries(bytes(header), name)
+        entries = _entries(bytes(header), raw_size - 8 - len(header), name)
         nbytes = out.numel() * out.element_size()
-        if len(entries) != 1 or entries[0][3] != out.dtype or entries[0][4] != tuple(out.shape) or 8 + len(header) + nbytes != raw_size:
+        if len(entries) != 1 or DTYPES[entries[0].dtype] != out.dtype or entries[0].shape != tuple(out.shape):
             raise IntegrityError(f"{name} does not hold one {dtype_name(out.dtype)} tensor of shape {list(out.shape)}")
         if nbytes:
             _read_exactly(reader, memoryview(out.reshape(-1).view(torch.uint8).numpy()), name)
@@ -137,56 +131,28 @@ def _check_end(reader, raw_size: int, name: str) -> None:
 
 
 def _header_size(prefix: bytes, raw_size: int, name: str) -> int:
-    n = int.from_bytes(prefix, "little") if raw_size >= 8 else -1
-    if not 0 <= n <= raw_size - 8:
-        raise IntegrityError(f"{name} is not a safetensors blob: header length {n} in {raw_size} bytes")
-    return n
-
-
-def _entries(header_bytes: bytes, name: str) -> list[tuple[int, int, str, torch.dtype, tuple[int, ...]]]:
-    """The tensors a safetensors header lists, in data order; the header is checked, not trusted."""
     try:
-        header = json.loads(header_bytes)
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise IntegrityError(f"{name} has a malformed header")
-    entries = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape = _FROM_CODE[info["dtype"]], tuple(int(d) for d in info["shape"])
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{name} has a malformed header entry {key!r}") from None
-        entries.append((lo, hi, key, dtype, shape))
-    entries.sort(key=lambda e: e[:2])
-    end = 0
-    for lo, hi, key, dtype, shape in entries:
-        itemsize = dtype.itemsize
-        if lo != end or min(shape, default=0) < 0 or hi - lo != _numel(shape) * itemsize:
-            raise IntegrityError(f"{name}: tensor {key!r} does not match its header")
-        end = hi
+        return safetensors_format.header_length(prefix, raw_size)
+    except safetensors_format.FormatError as exc:
+        raise IntegrityError(f"{name} is not a safetensors blob: {exc}") from None
+
+
+def _entries(header: bytes, data_size: int, name: str) -> list[safetensors_format.Entry]:
+    """The tensors a blob's header lists, in data order; the header is checked, not trusted."""
+    try:
+        entries, _ = safetensors_format.parse_header(header, data_size)
+    except safetensors_format.FormatError as exc:
+        raise IntegrityError(f"{name} has a malformed header: {exc}") from None
     return entries
 
 
-def _views(data: torch.Tensor, entries, name: str) -> dict[str, torch.Tensor]:
+def _views(data: torch.Tensor, entries: list[safetensors_format.Entry]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors data section, as views of ``data``."""
-    end = entries[-1][1] if entries else 0
-    if end != data.numel():
-        raise IntegrityError(f"{name}: the header covers {end} of {data.numel()} data bytes")
     out: dict[str, torch.Tensor] = {}
-    for lo, hi, key, dtype, shape in entries:
-        chunk = data[lo:hi]
+    for e in entries:
+        chunk = data[e.start : e.stop]
+        dtype = DTYPES[e.dtype]
         if chunk.storage_offset() % dtype.itemsize:
             chunk = chunk.clone()  # a view must start at a multiple of the item size
-        out[key] = chunk.view(dtype).reshape(shape)
+        out[e.key] = chunk.view(dtype).reshape(e.shape)
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count

@@ -18,19 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import codec, deltasvd, encodings
+from . import codec, deltasvd, encodings, safetensors_format
 from .config import DEFAULT_ENERGY, parse_size
 from .errors import UsageError
-from .records import numel
+
 
 MODES = ("energy", "max-error", "budget", "exact")
 
 _ZSTD_BLOCK = 128 * 1024
 _ZSTD_FRAME = 22  # magic, frame header descriptor, window, dictionary id, content size, checksum
-_DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 @dataclass(frozen=True)
@@ -108,15 +104,8 @@ def zstd_bound(raw: int) -> int:
 
 
 def safetensors_size(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
-    """Bytes of a safetensors file holding these tensors: 8-byte length, compact JSON header padded
-    to 8 bytes, data. Offsets are counted at the largest one's width, so this is never short."""
-    payload = sum(numel(shape) * dtype.itemsize for _, dtype, shape in tensors)
-    entries = [
-        f'"{name}":{{"dtype":"{_DTYPE_CODES[dtype]}","shape":[{",".join(map(str, shape))}],"data_offsets":[{payload},{payload}]}}'
-        for name, dtype, shape in tensors
-    ]
-    header = len("{" + ",".join(entries) + "}")
-    return 8 + -(-header // 8) * 8 + payload
+    """At least the bytes of a safetensors file holding these tensors."""
+    return safetensors_format.size_bound([(name, codec.dtype_name(dtype), shape) for name, dtype, shape in tensors])
 
 
 def blob_bound_of(tensors: dict[str, torch.Tensor]) -> int:
