@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dsreg import Registry
 from dsreg.catalog import BaseTensor, BlobRecord
-from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
+from dsreg.testing import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 
 def fill(reg: Registry, n: int) -> None:

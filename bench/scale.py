@@ -23,7 +23,7 @@ from dsreg import Registry
 from dsreg.catalog import Catalog
 from dsreg.tables import BaseRow, RevisionRow, SubjectRow, TagRow
 from dsreg.demo import TinyUNet, state_dict
-from tests.engines import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
+from dsreg.testing import S3_BUCKET, create_database, drop_database, postgres_available, seaweedfs
 
 
 def seed_catalog(catalog: Catalog, n: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,8 +14,9 @@ import click
 from dsreg import Conflict, DsregError, IntegrityError, Registry
 from dsreg.config import DEFAULT_ENCODING, DEFAULT_ENERGY, parse_duration, redact
 from dsreg.encodings import ENCODINGS
+from dsreg.lora import left_out_kind
 
-from .output import Bars, echo_json, ratio, size, table, when
+from .output import Bars, echo_json, json_option, ratio, size, table, when
 
 
 class Context:
@@ -98,9 +100,8 @@ def base():
 @click.pass_obj
 def base_add(obj: Context, path, name):
     """Store a base model (safetensors, torch pickle or diffusers folder)."""
-    bars = obj.bars()
-    info, new = obj.registry().add_base(path, name, progress=bars)
-    bars.close()
+    with obj.bars() as bars:
+        info, new = obj.registry().add_base(path, name, progress=bars)
     if new:
         click.echo(f"base {info.name}  {info.n_tensors} tensors  {info.n_params / 1e6:.2f}M params  {size(info.nbytes)}  {info.digest[:12]}")
     else:
@@ -108,7 +109,7 @@ def base_add(obj: Context, path, name):
 
 
 @base.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def base_ls(obj: Context, as_json):
     """List registered bases."""
@@ -142,16 +143,15 @@ def base_rm(obj: Context, name):
 @click.option("--encoding", type=click.Choice(ENCODINGS), default=DEFAULT_ENCODING, show_default=True, help="How factors are stored.")
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True, help="gram: fast exact spectrum; svd: plain full SVD.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, as_json):
     """Compress a fine-tuned checkpoint and store it as a new revision."""
-    bars = obj.bars()
-    rev = obj.registry().push(
-        path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
-        encoding=encoding, method=method, device=device, progress=bars,
-    )
-    bars.close()
+    with obj.bars() as bars:
+        rev = obj.registry().push(
+            path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
+            encoding=encoding, method=method, device=device, progress=bars,
+        )
     if as_json:
         return echo_json(rev)
     click.echo(
@@ -169,9 +169,8 @@ def push(obj: Context, path, subject, base_name, energy, max_error, budget, exac
 @click.pass_obj
 def checkout(obj: Context, ref, output, fmt, device, verify):
     """Rebuild the full checkpoint of SUBJECT[@REV]."""
-    bars = obj.bars()
-    result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, progress=bars)
-    bars.close()
+    with obj.bars() as bars:
+        result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, progress=bars)
     click.echo(f"{result.ref} -> {result.path}  {result.format}  {result.n_tensors} tensors  {size(result.nbytes)}  on {result.device}")
     if verify:
         lossy = f"; {result.lossy} stored lossy by design (not bit-identical)" if result.lossy else ""
@@ -185,13 +184,12 @@ def checkout(obj: Context, ref, output, fmt, device, verify):
               help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys.")
 @click.option("--with-dense", is_flag=True, help="Also carry dense and sparse 2-D deltas as full-rank modules (and, in peft, bias deltas).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
     """Write SUBJECT[@REV]'s stored factors as a LoRA file, without rebuilding the checkpoint."""
-    bars = obj.bars()
-    result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, progress=bars)
-    bars.close()
+    with obj.bars() as bars:
+        result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, progress=bars)
     if as_json:
         echo_json(result)
     else:
@@ -200,9 +198,11 @@ def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
             f"{result.n_params / 1e6:.3g}M params  {size(result.nbytes)}"
         )
     if result.left_out:
+        kinds = Counter(left_out_kind(key) for key in result.left_out)
         click.echo(
-            f"left out {len(result.left_out)} changed tensors that a LoRA cannot carry (also listed in the file's "
-            f"dsreg.left_out metadata): {', '.join(result.left_out)}",
+            f"left out {len(result.left_out)} changed tensors that a LoRA cannot carry: "
+            f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())} (e.g. {result.left_out[0]!r}); "
+            "every name is in the file's dsreg.left_out metadata and in --json",
             err=True,
         )
 
@@ -214,16 +214,15 @@ def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
 @click.option("--max-error", "max_errors", default="", help="Comma-separated error bounds.")
 @click.option("--budget", "budgets", default="", help="Comma-separated sizes, e.g. 5MB,20MB.")
 @click.option("--encoding", "encoding_list", default="fp16,int8", show_default=True, help="Comma-separated encodings.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def sweep(obj: Context, path, base_name, energies, max_errors, budgets, encoding_list, as_json):
     """Estimate stored bytes and error of PATH under several settings, storing nothing."""
     rules = [f"energy={v}" for v in _items(energies)] + [f"max-error={v}" for v in _items(max_errors)] + [f"budget={v}" for v in _items(budgets)]
     if not rules:
         rules = [f"energy={v}" for v in (0.06, 0.2, 0.5, 0.8)]
-    bars = obj.bars()
-    rows = obj.registry().sweep(path, rules, _items(encoding_list), base=base_name, progress=bars)
-    bars.close()
+    with obj.bars() as bars:
+        rows = obj.registry().sweep(path, rules, _items(encoding_list), base=base_name, progress=bars)
     if as_json:
         return echo_json(rows)
     body = [
@@ -249,7 +248,7 @@ def _items(text: str) -> list[str]:
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
 @click.option("--after", metavar="NAME", help="Start after this subject name (fast paging: pass the last name shown).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def ls(obj: Context, base_name, name_like, tag, since, limit, offset, after, as_json):
     """List subjects with their latest revision."""
@@ -269,7 +268,7 @@ def ls(obj: Context, base_name, name_like, tag, since, limit, offset, after, as_
 @click.argument("ref")
 @click.option("--tensors", is_flag=True, help="One row per tensor instead of per layer group.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Also write a report (tables and PNG plots) into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def show(obj: Context, ref, tensors, report_dir, as_json):
     """Revisions of a subject, and per-layer-group ranks and errors of one revision."""
@@ -315,7 +314,7 @@ def tag(obj: Context, ref, name):
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def stats(obj: Context, as_json):
     """Totals: subjects, revisions, original and stored bytes."""
@@ -377,7 +376,7 @@ def policy_set(obj: Context, name, pattern, keep_last, max_age):
 
 
 @policy.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def policy_ls(obj: Context, as_json):
     """List retention policies."""
@@ -401,7 +400,7 @@ def policy_rm(obj: Context, name):
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
 @click.option("--grace", default="1h", show_default=True, help="Never delete objects younger than this (e.g. 0, 30m, 1h).")
 @click.option("--every", metavar="DURATION", help="Run in the foreground, once per DURATION (e.g. 6h), until stopped.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def gc_command(obj: Context, dry_run, grace, every, as_json):
     """Apply retention policies and delete unreferenced objects; safe while pushes run."""
@@ -436,13 +435,12 @@ def gc_command(obj: Context, dry_run, grace, every, as_json):
 
 @cli.command()
 @click.option("--full", is_flag=True, help="Also download every object and check that its bytes hash to its name.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def verify(obj: Context, full, as_json):
     """Check that every catalog reference resolves to a stored object; exit 7 on any problem."""
-    bars = obj.bars()
-    report = obj.registry().verify(full, progress=bars)
-    bars.close()
+    with obj.bars() as bars:
+        report = obj.registry().verify(full, progress=bars)
     if as_json:
         echo_json(report)
     else:

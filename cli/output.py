@@ -84,3 +84,14 @@ class Bars:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+    def __enter__(self) -> "Bars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def json_option(command):
+    """The ``--json`` flag every listing and writing command shares; the command gets ``as_json``."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)

@@ -131,9 +131,9 @@ def return_large_frees() -> None:
     """Fix glibc malloc's mmap threshold at MMAP_THRESHOLD, for the rest of the process.
 
     By default the threshold rises with every large free, up to 32 MB, and the freed tensors of
-    layers decomposed in parallel then stay in the threads' malloc arenas. SD1.5 pushes side by
-    side peaked at 1.0-1.2 GB RSS with the threshold fixed and at 1.1-1.6 GB without, for 1-3 s more
-    of page faults on fresh mappings in a 50-60 s push. No-op off glibc.
+    layers decomposed in parallel then stay in the threads' malloc arenas, which raised a push's
+    peak memory by up to a third; the price is page faults on fresh mappings, a few percent of a
+    push (docs/performance.md, "Push memory"). No-op off glibc.
     """
     try:
         os.confstr("CS_GNU_LIBC_VERSION")

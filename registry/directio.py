@@ -1,9 +1,9 @@
 """Reading and writing large files around the page cache, where the filesystem allows.
 
 A checkout writes a 3.4 GB checkpoint once. Through the page cache every 4 KiB page of it is
-allocated, copied into and later written back: 2-5 s of kernel CPU on a 2-core machine, more than
-the matrix products of the rebuild, and it evicts the base blobs that the next checkout reads.
-With ``O_DIRECT`` the disk reads the writer's buffers itself (~0.4 s of CPU for the same file).
+allocated, copied into and later written back, which cost more kernel CPU than the matrix products
+of the rebuild took, and it evicts the base blobs that the next checkout reads. With ``O_DIRECT``
+the disk reads the writer's buffers itself, at a fraction of that CPU (docs/performance.md).
 
 Direct I/O needs block-aligned offsets, lengths and buffer addresses, and a file's pieces (tensors)
 start anywhere. So a writer hands over each piece in a buffer placed at the piece's offset within a
@@ -14,8 +14,8 @@ through the page cache.
 
 Reading is the same trade: :func:`read_whole` takes a file from the page cache when all of it is
 there already (a base read moments ago), and from the disk itself otherwise, which spares the
-kernel the allocation of a page for every 4 KiB read (cold reads of a base's 3.4 GB cost 0.3 s
-of CPU direct and 3-5 s through the page cache on the test machine).
+kernel the allocation of a page for every 4 KiB read (an order of magnitude less CPU for a cold
+base).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _blocks(buffer_for: Callable[[int], Buffer] | None, size: int) -> memoryview
     """The first ``size`` bytes of ``buffer_for(size)``, or of fresh page-aligned memory.
 
     Cut to size: a reused buffer is often far larger, and a direct read given the whole of it costs
-    the kernel work over every page (2.5 s of CPU against 0.6 s for the reads of an SD1.5 checkout).
+    the kernel work over every page of it, several times the CPU of the read itself.
     """
     buffer = buffer_for(size) if buffer_for else aligned_buffer(size)
     return memoryview(buffer).cast("B")[:size]
@@ -68,8 +68,8 @@ class RangeReader:
     is there, otherwise straight from the disk (where ``O_DIRECT`` is taken).
 
     A push reads a 3.4 GB fine-tune twice (the scan hashes it, the compressor reads each layer
-    again) beside 3.2 GB of base blobs. Through the page cache, the kernel's copies cost 4.6 s of
-    CPU in the profile of one push.
+    again) beside 3.2 GB of base blobs: through the page cache, the kernel's copies were a visible
+    share of a push's CPU.
     """
 
     def __init__(self, path: str | os.PathLike):

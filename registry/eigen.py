@@ -8,8 +8,8 @@ t eigenvectors of the tridiagonal matrix (``sormtr``; the vectors are fp32, see 
 
 The tridiagonal eigenvectors come from MRRR (``sstemr``) when few are kept, and otherwise from
 divide and conquer (``sstedc``), which forms all n of them yet costs less where more than a tenth
-are kept (measured in fp64, where on the SD1.5 bench's 1280 × 1280 Grams it took 0.04-0.07 s for
-all and MRRR 0.11-0.14 s for the 320 that τ 0.5 keeps). MRRR's cost grows with t.
+are kept (on the SD1.5 bench's 1280 × 1280 Grams, all n by divide and conquer took about half the
+time of MRRR's 320 that τ 0.5 keeps). MRRR's cost grows with t.
 
 The routines are SciPy's LAPACK, called through the function pointers that
 ``scipy.linalg.cython_lapack`` publishes for compiled callers: ``scipy.linalg.lapack``'s Python
@@ -106,8 +106,8 @@ class Tridiagonal:
 
         Only the eigenvalues need fp64 (they decide the rank); the vectors become fp32 factors that
         are stored in fp16 or coarser. So T's eigenvectors and the back-transformation run in single
-        precision, on fp32 copies of T and of the fp64 reduction's reflectors: 0.037 s against
-        0.069 s for the top 320 of a 1280 × 1280 Gram on one core, the same residual to 1e-7.
+        precision, on fp32 copies of T and of the fp64 reduction's reflectors: about half the time
+        of fp64, with the same projection residual to 1e-7.
         """
         n = self.n
         if not 0 <= t <= n:

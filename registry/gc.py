@@ -1,23 +1,9 @@
 """Garbage collection, retention and verification, safe while pushes run.
 
-The protocol (also in the README):
-
-1. A write (push, base add) opens a *lease* in the catalog and records in it every blob digest it
-   will reference *before* it checks whether the blob exists or uploads it. A heartbeat keeps the
-   lease live; its commit checks the lease is still live and, in one transaction, inserts the blob
-   rows and references and deletes the lease.
-2. gc lists the store, keeps objects younger than the grace period, and deletes the rest in
-   batches. Each batch is one catalog transaction holding the exclusive write lock (a Postgres
-   advisory lock that lease registrations and commits take shared; on SQLite every write is
-   exclusive): inside it, gc re-reads which digests of the batch a committed row references or a
-   live lease claims, deletes the others from the store, and drops their blob rows.
-
-A lease registration therefore happens either before a batch (gc sees the claim and keeps the
-object) or after it (the write sees the object gone and uploads it again); a commit either
-precedes a batch (the references protect the blobs) or follows it (the lease did). A crashed
-write's lease expires after ``DSREG_LEASE_TTL`` seconds without a heartbeat; its blobs are then
-ordinary orphans that the next gc past the grace period collects. One gc runs at a time: a Postgres
-session advisory lock, or an ``flock`` beside the SQLite file.
+The protocol that makes it safe, and the write ordering it rests on, are specified once, in
+docs/format.md ("Write ordering and garbage collection"): a write claims each blob in a lease before
+it checks for or uploads it; gc deletes in batches, each under the catalog's exclusive write lock,
+re-reading inside it which digests a committed row references or a live lease claims.
 """
 
 from __future__ import annotations

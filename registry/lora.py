@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+from .layers import layer_type
 
 FORMATS = ("kohya", "peft")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -187,3 +188,13 @@ class LoraFile:
                 f"{model}.lora_bias": bool(self.biases), f"{model}.lora_dropout": 0.0,
             })
         return config
+
+
+def left_out_kind(key: str) -> str:
+    """What a change that no LoRA module holds is: a bias, a norm, an embedding, a file, or other."""
+    if not key.endswith((".weight", ".bias")) and "/" in key:
+        return "file"
+    kind = layer_type(key)
+    if kind in ("norm", "embedding"):
+        return kind
+    return "bias" if key.endswith(".bias") else "other"

@@ -43,7 +43,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     A sum is finite only if every term is (NaN and ±Inf propagate, Inf − Inf is NaN), so one fp32
     sum answers for almost every tensor; only a sum that overflows from finite terms needs the exact
     test. ``torch.isfinite(t).all()`` makes an absolute value and three boolean tensors the size of
-    ``t``, fresh pages each: 3.2-3.8 s of CPU over an SD1.5 UNet, against 0.1 s for the sums.
+    ``t``, fresh pages each, which cost thirty times the CPU of the sums over an SD1.5 UNet.
     """
     return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 

