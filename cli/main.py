@@ -12,11 +12,9 @@ from pathlib import Path
 import click
 
 from dsreg import Conflict, DsregError, IntegrityError, Registry
-from dsreg.config import DEFAULT_ENCODING, DEFAULT_ENERGY, parse_duration, redact
-from dsreg.encodings import ENCODINGS
-from dsreg.lora import left_out_kind
+from dsreg.config import DEFAULT_ENCODING, DEFAULT_ENERGY, ENCODINGS, parse_duration, redact
 
-from .output import Bars, echo_json, json_option, ratio, size, table, when
+from .output import Bars, echo_json, force_option, json_option, ratio, size, table, when
 
 
 class Context:
@@ -50,6 +48,8 @@ class DsregGroup(click.Group):
             click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:  # `dsreg ls | head`: click exits quietly, as Unix tools do
             raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -156,7 +156,7 @@ def push(obj: Context, path, subject, base_name, energy, max_error, budget, exac
         return echo_json(rev)
     click.echo(
         f"{rev.subject} rev {rev.number}  base {rev.base}  {size(rev.original_bytes)} -> {size(rev.stored_bytes)} "
-        f"({ratio(rev.ratio)})  {rev.rank_rule} {rev.encoding}"
+        f"({ratio(rev.ratio)})  {rev.rank_rule}" + ("" if rev.rank_rule == "exact" else f" {rev.encoding}")
     )
 
 
@@ -166,11 +166,12 @@ def push(obj: Context, path, subject, base_name, energy, max_error, budget, exac
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "diffusers"]), help="Output format (default: from -o's suffix, else as pushed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where W + A·B is computed.")
 @click.option("--verify", is_flag=True, help="Check every losslessly stored tensor against the digest recorded at push.")
+@force_option
 @click.pass_obj
-def checkout(obj: Context, ref, output, fmt, device, verify):
+def checkout(obj: Context, ref, output, fmt, device, verify, force):
     """Rebuild the full checkpoint of SUBJECT[@REV]."""
     with obj.bars() as bars:
-        result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, progress=bars)
+        result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, overwrite=force, progress=bars)
     click.echo(f"{result.ref} -> {result.path}  {result.format}  {result.n_tensors} tensors  {size(result.nbytes)}  on {result.device}")
     if verify:
         lossy = f"; {result.lossy} stored lossy by design (not bit-identical)" if result.lossy else ""
@@ -184,12 +185,13 @@ def checkout(obj: Context, ref, output, fmt, device, verify):
               help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys.")
 @click.option("--with-dense", is_flag=True, help="Also carry dense and sparse 2-D deltas as full-rank modules (and, in peft, bias deltas).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@force_option
 @json_option
 @click.pass_obj
-def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
+def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, force, as_json):
     """Write SUBJECT[@REV]'s stored factors as a LoRA file, without rebuilding the checkpoint."""
     with obj.bars() as bars:
-        result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, progress=bars)
+        result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, overwrite=force, progress=bars)
     if as_json:
         echo_json(result)
     else:
@@ -198,6 +200,8 @@ def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, as_json):
             f"{result.n_params / 1e6:.3g}M params  {size(result.nbytes)}"
         )
     if result.left_out:
+        from dsreg.lora import left_out_kind
+
         kinds = Counter(left_out_kind(key) for key in result.left_out)
         click.echo(
             f"left out {len(result.left_out)} changed tensors that a LoRA cannot carry: "
@@ -251,14 +255,14 @@ def _items(text: str) -> list[str]:
 @json_option
 @click.pass_obj
 def ls(obj: Context, base_name, name_like, tag, since, limit, offset, after, as_json):
-    """List subjects with their latest revision."""
+    """List subjects with their latest revision (with --tag, the tagged one)."""
     if since is not None and since.tzinfo is None:
         since = since.astimezone(timezone.utc)
     subjects = obj.registry().subjects(base=base_name, name_like=name_like, tag=tag, since=since, limit=limit, offset=offset, after=after)
     if as_json:
         return echo_json(subjects)
     rows = [
-        [s.name, str(s.latest.number), s.latest.base, size(s.latest.original_bytes), size(s.latest.stored_bytes), ratio(s.latest.ratio), when(s.latest.created_at)]
+        [s.name, str(s.shown.number), s.shown.base, size(s.shown.original_bytes), size(s.shown.stored_bytes), ratio(s.shown.ratio), when(s.shown.created_at)]
         for s in subjects
     ]
     click.echo(table(["subject", "rev", "base", "original", "stored", "ratio", "created"], rows, right={1, 3, 4, 5}))
@@ -351,10 +355,11 @@ def demo(obj: Context, workdir):
 
 @cli.command()
 @click.argument("ref")
+@click.option("--force", "-f", is_flag=True, help="Remove tagged revisions too.")
 @click.pass_obj
-def rm(obj: Context, ref):
+def rm(obj: Context, ref, force):
     """Remove SUBJECT@REV, or every revision of SUBJECT, from the catalog (gc frees the bytes)."""
-    removed = obj.registry().rm(ref)
+    removed = obj.registry().rm(ref, force=force)
     click.echo(f"removed {', '.join(r.ref for r in removed)}; run `dsreg gc` to free the space")
 
 

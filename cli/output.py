@@ -48,6 +48,8 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | None = No
 def _plain(value):
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, datetime):
@@ -90,6 +92,11 @@ class Bars:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def force_option(command):
+    """``--force``: replace an existing output file, which the command otherwise refuses."""
+    return click.option("--force", "-f", is_flag=True, help="Replace the output if it exists.")(command)
 
 
 def json_option(command):

@@ -11,6 +11,7 @@ from .errors import (
     InvalidName,
     NonFiniteWeights,
     NotFound,
+    OutputError,
     RevisionNotFound,
     StoreError,
     SubjectNotFound,
@@ -21,8 +22,16 @@ from .records import (
     BaseInfo, CheckoutResult, GcReport, LoraExport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
     SweepRow, VerifyReport,
 )
-from .ranking import RankRule
 from .registry import Registry
+
+
+def __getattr__(name: str):
+    # RankRule's module imports torch: only when it is asked for.
+    if name == "RankRule":
+        from .ranking import RankRule
+
+        return RankRule
+    raise AttributeError(f"module 'dsreg' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -31,5 +40,5 @@ __all__ = [
     "BaseInfo", "CheckoutResult", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
-    "IntegrityError", "StoreError",
+    "IntegrityError", "StoreError", "OutputError",
 ]

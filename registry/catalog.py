@@ -522,8 +522,9 @@ class Catalog:
             raise RevisionNotFound(f"subject {ref.subject!r} has no revision {number} (latest is {subject.latest})")
         return subject, row
 
-    def remove(self, ref: Ref) -> list[RevisionInfo]:
-        """Remove one revision, or all of a subject's; their blobs stay until gc."""
+    def remove(self, ref: Ref, force: bool = False) -> list[RevisionInfo]:
+        """Remove one revision, or all of a subject's; their blobs stay until gc. A tagged revision
+        is removed only with ``force``, as retention policies never remove one."""
         with self.session(lock="shared") as s:
             subject = self._subject_row(s, ref.subject)
             if ref.revision is None:
@@ -531,6 +532,10 @@ class Catalog:
             else:
                 revs = [self._revision_row(s, ref)[1]]
             removed = [self._revision_info(s, r, subject.name) for r in revs]
+            tagged = [r for r in removed if r.tags]
+            if tagged and not force:
+                listed = ", ".join(f"{r.ref} ({', '.join(r.tags)})" for r in tagged[:3])
+                raise Conflict(f"{listed} {'is' if len(tagged) == 1 else 'are'} tagged; untag first, or remove anyway with --force")
             self._delete_revisions(s, subject, [r.id for r in revs])
             return removed
 
@@ -700,10 +705,24 @@ class Catalog:
                 ):
                     tags.setdefault(sid, []).append(tname)
                     rev_tags.setdefault(rid, []).append(tname)
+            tagged: dict[int, tuple[RevisionRow, str]] = {}
+            if tag is not None:
+                for chunk in _chunks(ids, 500):
+                    for rev, base_name in s.execute(
+                        sa.select(RevisionRow, BaseRow.name)
+                        .join(TagRow, TagRow.revision_id == RevisionRow.id)
+                        .join(BaseRow, BaseRow.id == RevisionRow.base_id)
+                        .where(TagRow.name == tag, TagRow.subject_id.in_(chunk))
+                    ):
+                        tagged[rev.subject_id] = rev, base_name
             out = []
             for subj, rev, base_name in rows:
                 latest = _revision_record(rev, subj.name, base_name, tuple(rev_tags.get(rev.id, ())))
-                out.append(SubjectInfo(subj.name, _aware(subj.created_at), counts.get(subj.id, 0), latest, tuple(tags.get(subj.id, ()))))
+                shown = None
+                if subj.id in tagged:
+                    trev, tbase = tagged[subj.id]
+                    shown = _revision_record(trev, subj.name, tbase, tuple(rev_tags.get(trev.id, ())))
+                out.append(SubjectInfo(subj.name, _aware(subj.created_at), counts.get(subj.id, 0), latest, tuple(tags.get(subj.id, ())), shown))
             return out
 
     def stats(self) -> Stats:

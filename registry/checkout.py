@@ -35,6 +35,7 @@ def checkout(
     format: str | None = None,
     device: str = "auto",
     verify: bool = False,
+    overwrite: bool = True,
     progress: Progress | None = None,
 ) -> CheckoutResult:
     """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
@@ -64,13 +65,13 @@ def checkout(
         with Scratch() as blobs, threads_per_lane(lanes):
             write_atomically(output, lambda tmp: fill_safetensors(
                 tmp, specs, fill, layout.metadata, workers=lanes, done=lambda n: progress("checkout", n, len(specs))
-            ), layout)
+            ), layout, overwrite=overwrite)
     else:
         # The rebuild runs a tensor ahead of the writer: matrix products and file writes overlap.
         tensors = ahead(_rebuild(reg, entries, base, dev, progress))
         if checked is not None:
             tensors = checked.wrap(tensors)
-        write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout)
+        write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout, overwrite=overwrite)
     return CheckoutResult(
         info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev),
         verified=checked.verified if checked else 0, lossy=checked.lossy if checked else 0,

@@ -31,7 +31,7 @@ import torch
 
 from . import directio, safetensors_format
 from .codec import DTYPES, dtype_name
-from .errors import CheckpointError, UnsafeCheckpoint, UsageError, first_line
+from .errors import CheckpointError, Conflict, OutputError, UnsafeCheckpoint, UsageError, first_line
 from .concurrency import Scratch
 
 log = logging.getLogger(__name__)
@@ -659,22 +659,29 @@ def _write_weights(path: Path, specs, tensors, metadata) -> None:
 # ---------------------------------------------------------------- whole or nothing
 
 
-def write_atomically(output: Path, write: Callable[[Path], None], layout: Layout | None = None) -> None:
+def write_atomically(output: Path, write: Callable[[Path], None], layout: Layout | None = None, *, overwrite: bool = True) -> None:
     """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing.
-    With ``layout``, no file gets wider permissions than its source had (``restrict_modes``)."""
+    With ``layout``, no file gets wider permissions than its source had (``restrict_modes``); without
+    ``overwrite``, an existing file is refused. A write the system refuses (a full disk, no
+    permission) is an OutputError naming the path, and leaves nothing behind."""
     output = output.absolute()
     if output.is_dir() and any(output.iterdir()):
         raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
+    if not overwrite and output.exists() and not output.is_dir():
+        raise Conflict(f"{output} exists; choose another output path, or replace it (--force)")
     tmp = output.parent / f".{output.name}.dsreg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output)
         write(tmp)
         if layout is not None:
             restrict_modes(tmp, layout)
         if output.is_dir():
             output.rmdir()
         os.replace(tmp, output)
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"cannot write {output}: {exc.strerror or first_line(exc)}; nothing was written") from None
     except BaseException:
         _remove(tmp)
         raise

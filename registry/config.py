@@ -21,6 +21,7 @@ ENV_LEASE_TTL = "DSREG_LEASE_TTL"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_ENCODING = "fp16"
+ENCODINGS = ("fp16", "bf16", "fp32", "int8", "mixed")  # how factors are stored: dsreg.encodings
 ZSTD_LEVEL = 3
 # Base tensors are fp32/fp16 weights, which zstd shrinks by only ~7%; a negative level keeps the
 # literals raw, so every checkout decodes the whole base about twice as fast.

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .config import ENCODINGS  # noqa: F401 (the names, for callers of this module)
+
 FLOAT_ENCODINGS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ENCODINGS = ("fp16", "bf16", "fp32", "int8", "mixed")
 
 # Relative rounding noise that one direction's energy picks up when both its factor vectors are
 # rounded with a per-vector absmax scale (Gaussian-like entries: peak ≈ 3.8 rms at 1,000 entries,

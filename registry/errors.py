@@ -86,6 +86,12 @@ class StoreError(DsregError):
     exit_code = 8
 
 
+class OutputError(DsregError):
+    """A file dsreg was asked to write could not be written (disk full, no permission, ...)."""
+
+    exit_code = 9
+
+
 def check_choice(what: str, value: str, choices) -> None:
     """A UsageError naming the choices, unless ``value`` is one of them."""
     if value not in choices:

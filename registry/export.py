@@ -29,6 +29,7 @@ def export_lora(
     format: str = "kohya",
     with_dense: bool = False,
     dtype: str = "fp16",
+    overwrite: bool = True,
     progress: Progress | None = None,
 ) -> LoraExport:
     """Write a revision's stored factors as a LoRA file (no full checkpoint is rebuilt).
@@ -79,7 +80,7 @@ def export_lora(
     }
     tensors, metadata = out.finish(metadata)
     output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}-lora.safetensors")
-    write_atomically(output, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+    write_atomically(output, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
     return LoraExport(
         info.ref, output, format, len(out.ranks), max(out.ranks.values()), sum(t.numel() for t in tensors.values()),
         output.stat().st_size, tuple(left_out),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
-from .layers import layer_type
+from .layers import key_layout, layer_type
 
 FORMATS = ("kohya", "peft")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -66,6 +66,9 @@ def target(key: str, shape: tuple[int, ...]) -> Target | None:
     """The LoRA module a weight key belongs to, or None when no LoRA can carry a change to it."""
     if not key.endswith(".weight") or len(shape) not in (2, 4):
         return None
+    if key.startswith("text_model."):  # a CLIP text encoder on its own: kohya's names keep text_model
+        module = key[: -len(".weight")]
+        return None if _EMBEDDING.search(module.rsplit(".", 1)[-1]) else Target(module, "lora_te_" + module.replace(".", "_"), "text_encoder." + module)
     for prefix, kohya, peft in _COMPONENTS:
         if key.startswith(prefix):
             if not prefix and key.startswith(_NO_LORA):  # after the named prefixes: cond_stage_model.transformer. is one
@@ -84,9 +87,22 @@ def bias_target(key: str, weights: dict[str, Target]) -> Target | None:
     return weights.get(key[: -len(".bias")] + ".weight")
 
 
+# Keys that say a checkpoint is a Stable Diffusion UNet or text encoder, whose modules LoRA loaders name.
+_KNOWN_MODELS = (
+    "conv_in.", "down_blocks.", "mid_block.", "up_blocks.", "time_embedding.", "model.diffusion_model.",
+    "text_model.", "cond_stage_model.", "unet/", "text_encoder/", "text_encoder_2/",
+)
+
+
 def check_format(fmt: str, keys: list[str]) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown LoRA format {fmt!r}; use kohya or peft")
+    if not any(k.startswith(_KNOWN_MODELS) for k in keys):
+        raise UsageError(
+            f"this subject is {key_layout(keys)}: LoRA loaders name the modules of a Stable Diffusion UNet "
+            "or text encoder (lora_unet_*, lora_te_*, unet.*, text_encoder.*) and would match none of these; "
+            "check the subject out instead"
+        )
     if fmt == "peft" and any(k.startswith("model.diffusion_model.") for k in keys):
         raise UsageError(
             "this subject is an LDM single-file checkpoint (model.diffusion_model.* keys); peft LoRA files need "

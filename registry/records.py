@@ -106,6 +106,12 @@ class SubjectInfo:
     n_revisions: int
     latest: RevisionInfo
     tags: tuple[str, ...] = ()
+    tagged: RevisionInfo | None = None  # listed by tag: the revision that carries it
+
+    @property
+    def shown(self) -> RevisionInfo:
+        """The revision a listing shows: the tagged one when listed by tag, else the latest."""
+        return self.tagged or self.latest
 
 
 @dataclass(frozen=True)

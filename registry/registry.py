@@ -11,7 +11,8 @@ import os
 import re
 from datetime import datetime
 
-from . import bases, checkout, export, gc, push
+from typing import TYPE_CHECKING
+
 from .blobstore import BlobStore
 from .cache import BlobCache
 from .catalog import Catalog
@@ -19,11 +20,16 @@ from .config import DEFAULT_ENCODING, Settings
 from .errors import UsageError
 from .layers import layer_group, layer_type, summarize
 from .names import Ref, as_ref, validate_name
-from .ranking import RankRule
 from .records import (
     BaseInfo, CheckoutResult, GcReport, LoraExport, PolicyInfo, Progress, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow,
     VerifyReport,
 )
+
+if TYPE_CHECKING:
+    from .ranking import RankRule
+
+# The workflows (push, checkout, ...) import torch; each method imports its own where it runs, so
+# that opening a registry and querying its catalog (`dsreg ls`) does not wait for torch.
 
 
 class Registry:
@@ -66,6 +72,8 @@ class Registry:
 
     def add_base(self, path: str | os.PathLike, name: str, progress: Progress | None = None) -> tuple[BaseInfo, bool]:
         """Store a base model; returns (base, whether it was new). Adding the same weights again is a no-op."""
+        from . import bases
+
         return bases.add_base(self, path, name, progress)
 
     def bases(self) -> list[BaseInfo]:
@@ -94,6 +102,8 @@ class Registry:
         relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
         or ``exact`` (lossless: checkout is bit-identical).
         """
+        from . import push
+
         return push.push(
             self, path, subject, base=base, energy=energy, max_error=max_error, budget=budget, exact=exact,
             encoding=encoding, method=method, device=device, progress=progress,
@@ -113,6 +123,8 @@ class Registry:
 
         One read and one spectrum per tensor serve every row, so a sweep costs about one push.
         """
+        from . import push
+
         return push.sweep(self, path, rules, encodings, base=base, method=method, progress=progress)
 
     # ------------------------------------------------------------ checkout
@@ -125,14 +137,18 @@ class Registry:
         format: str | None = None,
         device: str = "auto",
         verify: bool = False,
+        overwrite: bool = True,
         progress: Progress | None = None,
     ) -> CheckoutResult:
         """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
 
         With ``verify``, every tensor stored losslessly is hashed and compared with the digest its
-        push recorded; a mismatch raises IntegrityError and writes nothing.
+        push recorded; a mismatch raises IntegrityError and writes nothing. Without ``overwrite``, an
+        existing file at ``output`` is a Conflict.
         """
-        return checkout.checkout(self, ref, output, format=format, device=device, verify=verify, progress=progress)
+        from . import checkout
+
+        return checkout.checkout(self, ref, output, format=format, device=device, verify=verify, overwrite=overwrite, progress=progress)
 
     # ------------------------------------------------------------ LoRA export
 
@@ -144,6 +160,7 @@ class Registry:
         format: str = "kohya",
         with_dense: bool = False,
         dtype: str = "fp16",
+        overwrite: bool = True,
         progress: Progress | None = None,
     ) -> LoraExport:
         """Write a revision's stored factors as a LoRA file (no full checkpoint is rebuilt).
@@ -153,7 +170,11 @@ class Registry:
         ``with_dense`` 2-D dense and sparse deltas go in as exact full-rank modules, and in peft
         format bias deltas as ``lora_B.bias``.
         """
-        return export.export_lora(self, ref, output, format=format, with_dense=with_dense, dtype=dtype, progress=progress)
+        from . import export
+
+        return export.export_lora(
+            self, ref, output, format=format, with_dense=with_dense, dtype=dtype, overwrite=overwrite, progress=progress
+        )
 
     # ------------------------------------------------------------ queries
 
@@ -200,9 +221,10 @@ class Registry:
 
     # ------------------------------------------------------------ removal, retention, gc, verify
 
-    def rm(self, ref: str | Ref) -> list[RevisionInfo]:
-        """Remove a revision (``SUBJECT@REV``) or a whole subject from the catalog; gc frees the bytes."""
-        return self.catalog.remove(as_ref(ref))
+    def rm(self, ref: str | Ref, force: bool = False) -> list[RevisionInfo]:
+        """Remove a revision (``SUBJECT@REV``) or a whole subject from the catalog; gc frees the bytes.
+        A tagged revision is a Conflict unless ``force``."""
+        return self.catalog.remove(as_ref(ref), force)
 
     def remove_base(self, name: str) -> BaseInfo:
         """Remove a base that no revision uses any more."""
@@ -230,8 +252,12 @@ class Registry:
         """Apply retention policies, then delete unreferenced objects older than ``grace`` seconds."""
         if grace < 0:
             raise UsageError("--grace cannot be negative")
+        from . import gc
+
         return gc.collect(self.catalog, self.store, grace, dry_run)
 
     def verify(self, full: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Check that every reference resolves (and, with ``full``, that every object hashes to its name)."""
+        from . import gc
+
         return gc.verify(self.catalog, self.store, full, progress)

@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +70,115 @@ def test_tag_and_filtered_listing(run, models):
     assert [line.split()[0] for line in run("ls", "--tag", "prod").stdout.splitlines()[1:]] == ["dog"]
     assert [line.split()[0] for line in run("ls", "--name", "ca").stdout.splitlines()[1:]] == ["cat"]
     assert len(run("ls", "--limit", "1").stdout.splitlines()) == 2
+
+
+def test_ls_by_tag_shows_the_tagged_revision(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    run("push", models.ft, "-s", "dog", "--energy", "0.2")
+    run("tag", "dog@1", "prod")
+    assert run("ls", "--tag", "prod").stdout.splitlines()[1].split()[:2] == ["dog", "1"]
+    assert run("ls").stdout.splitlines()[1].split()[:2] == ["dog", "2"]
+    (listed,) = json.loads(run("ls", "--tag", "prod", "--json").stdout)
+    assert listed["tagged"]["number"] == 1 and listed["latest"]["number"] == 2
+
+
+def test_a_tagged_revision_is_removed_only_with_force(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    run("push", models.ft, "-s", "dog")
+    run("tag", "dog@1", "prod")
+    for ref in ("dog@1", "dog"):
+        refused = run("rm", ref, ok=False)
+        assert refused.exit_code == 6 and "dog@1 (prod) is tagged" in refused.stderr and "--force" in refused.stderr
+    assert [r["number"] for r in json.loads(run("show", "dog", "--json").stdout)["revisions"]] == [1, 2]
+    assert "removed dog@2" in run("rm", "dog@2").stdout
+    assert "removed dog@1" in run("rm", "dog@1", "--force").stdout
+
+
+def test_every_json_option_prints_json(run, models, tmp_path):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog", "--json")
+    run("policy", "set", "keep", "--keep-last", "3")
+    commands = [
+        ("base", "ls"), ("push", models.ft, "-s", "cat"), ("ls",), ("show", "dog"), ("stats",), ("sweep", models.ft, "--energy", "0.5"),
+        ("export-lora", "dog", "-o", tmp_path / "dog-lora.safetensors"), ("gc", "--dry-run"), ("verify",), ("policy", "ls"),
+    ]
+    for args in commands:
+        json.loads(run(*args, "--json").stdout)
+    # and every command that takes --json is in that list
+    from dsreg.cli.reference import commands as all_commands
+
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "cli-reference.md").read_text()
+    with_json = [path for path in all_commands()[1:] if "--json" in reference.split(f"## dsreg {' '.join(path)}\n", 1)[1].split("## dsreg", 1)[0]]
+    assert sorted(" ".join(p) for p in with_json) == sorted(" ".join(map(str, a[:2] if a[0] in ("base", "policy") else a[:1])) for a in commands)
+
+
+def test_checkout_and_export_refuse_to_replace_a_file_without_force(run, models, tmp_path):
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    out = tmp_path / "dog.safetensors"
+    out.write_text("mine")
+    refused = run("checkout", "dog", "-o", out, ok=False)
+    assert refused.exit_code == 6 and "--force" in refused.stderr and out.read_text() == "mine"
+    run("checkout", "dog", "-o", out, "--force")
+    assert set(load_file(out)) == set(models.ft_sd)
+    lora = tmp_path / "dog-lora.safetensors"
+    lora.write_text("mine")
+    assert run("export-lora", "dog", "-o", lora, ok=False).exit_code == 6 and lora.read_text() == "mine"
+    run("export-lora", "dog", "-o", lora, "-f")
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_leaves_nothing(run, models, tmp_path):
+    full = Path("/dev/full")
+    if not full.exists():
+        pytest.skip("no /dev/full on this system")
+    run("base", "add", models.base, "--name", "sd15")
+    run("push", models.ft, "-s", "dog")
+    out = tmp_path / "small"
+    out.mkdir()
+    # A filesystem of 64 kB: the checkpoint does not fit.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        failed = run("checkout", "dog", "-o", out / "dog.safetensors", ok=False)
+        assert failed.exit_code == 9, failed.output
+        (line,) = failed.stderr.strip().splitlines()
+        assert str(out / "dog.safetensors") in line and "No space left on device" in line
+        assert list(out.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)
+
+
+def test_an_exact_push_prints_no_encoding(run, models):
+    run("base", "add", models.base, "--name", "sd15")
+    out = run("push", models.ft, "-s", "dog", "--exact").stdout
+    assert out.rstrip().endswith("exact")
+
+
+@pytest.mark.skipif(shutil.which("dsreg") is None, reason="dsreg is not installed on PATH")
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    env = {**os.environ, "DSREG_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(["dsreg", "--help"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -0` would
+    _, stderr = proc.communicate(timeout=60)
+    assert stderr == b""
+
+
+def test_listing_and_help_do_not_import_torch(tmp_path):
+    """torch's import is most of a second: only commands that touch tensors pay for it."""
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from dsreg.cli.main import cli\n"
+        f"for args in (['--help'], ['--home', {str(tmp_path)!r}, 'ls'], ['--home', {str(tmp_path)!r}, 'stats'], ['--version']):\n"
+        "    result = CliRunner().invoke(cli, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_adding_a_base_twice_says_so(run, models):

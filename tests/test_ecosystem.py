@@ -218,6 +218,40 @@ def test_lora_module_names_for_each_key_layout():
     assert target("model.diffusion_model.input_blocks.1.1.proj_in.weight", (8, 8, 1, 1)).kohya == "lora_unet_input_blocks_1_1_proj_in"
     assert target("unet/down_blocks.0.resnets.0.conv1.weight", (8, 8, 3, 3)).peft == "unet.down_blocks.0.resnets.0.conv1"
     assert target("text_encoder/text_model.encoder.layers.0.mlp.fc1.weight", (8, 8)).kohya == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    alone = target("text_model.encoder.layers.0.mlp.fc1.weight", (8, 8))  # a CLIP text encoder on its own
+    assert alone.kohya == "lora_te_text_model_encoder_layers_0_mlp_fc1" and alone.peft == "text_encoder.text_model.encoder.layers.0.mlp.fc1"
     for none in ("first_stage_model.encoder.conv_in.weight", "cond_stage_model.model.token_embedding.weight",
                  "vae/encoder.conv_in.weight", "text_encoder/text_model.embeddings.token_embedding.weight", "conv_in.bias"):
         assert target(none, (8, 8, 3, 3) if "conv" in none else (8, 8)) is None, none
+
+
+def _bert_pair(d: Path) -> tuple[Path, Path]:
+    """A small BERT encoder and a real fine-tune of it (Adam steps on a masked-token loss)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dsreg.demo import reproducible
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, max_position_embeddings=16))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "decoder" not in k}, d / "bert.safetensors")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    with reproducible():
+        for _ in range(3):
+            ids = torch.randint(0, 40, (4, 12), generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "decoder" not in k}, d / "bert-ft.safetensors")
+    return d / "bert.safetensors", d / "bert-ft.safetensors"
+
+
+def test_export_lora_refuses_a_model_that_no_lora_loader_names(local, tmp_path):
+    base, ft = _bert_pair(tmp_path)
+    local.add_base(base, "bert")
+    rev = local.push(ft, "bert-ft")
+    with pytest.raises(UsageError, match="in an unrecognised layout: LoRA loaders name") as info:
+        local.export_lora(rev.ref, tmp_path / "bert-lora.safetensors")
+    assert "\n" not in str(info.value) and not (tmp_path / "bert-lora.safetensors").exists()
+
