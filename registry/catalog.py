@@ -258,6 +258,18 @@ class Catalog:
                 self._delete_lease(s, lease_id)
             return len(expired)
 
+    def live_leases(self) -> list[tuple[str, str]]:
+        """(id, holder) of every lease that has not expired."""
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(sa.select(LeaseRow.id, LeaseRow.holder).where(LeaseRow.expires_at > utcnow()))]
+
+    def drop_leases(self, ids: Sequence[str]) -> int:
+        """End these leases now (their writers are known to be gone); a commit under one then fails."""
+        with self.session() as s:
+            for lease_id in ids:
+                self._delete_lease(s, lease_id)
+        return len(ids)
+
     # ------------------------------------------------------------ gc primitives
 
     def claims(self, s: Session, digests: Sequence[str]) -> tuple[set[str], set[str]]:
@@ -380,6 +392,16 @@ class Catalog:
             used = s.scalar(sa.select(sa.func.count()).select_from(RevisionRow).where(RevisionRow.base_id == row.id))
             if used:
                 raise Conflict(f"base {name!r} is used by {used} revisions; remove them first (dsreg rm)")
+            # A push claims its base's blobs in its lease (docs/format.md): while one runs, it reads them.
+            writer = s.scalar(
+                sa.select(LeaseRow.holder)
+                .join(LeaseBlobRow, LeaseBlobRow.lease_id == LeaseRow.id)
+                .join(BaseTensorRow, BaseTensorRow.blob_digest == LeaseBlobRow.digest)
+                .where(BaseTensorRow.base_id == row.id, LeaseRow.expires_at > utcnow())
+                .limit(1)
+            )
+            if writer is not None:
+                raise Conflict(f"base {name!r} is in use by a write in progress ({writer}); try again when it has finished")
             s.execute(sa.delete(BaseTensorRow).where(BaseTensorRow.base_id == row.id))
             s.delete(row)
             return self._base_info(row)
@@ -496,11 +518,16 @@ class Catalog:
 
     @staticmethod
     def _max_auto_number(s: Session) -> int:
-        # The longest, then greatest, name is the largest N (names carry no leading zeros);
-        # a rare odd name only costs a retry in the insert loop.
+        # Among subject-<digits> names only (a subject-final must not hide the numbers), the longest,
+        # then greatest, is the largest N: one indexed range scan, whatever other names exist.
+        suffix = sa.func.substr(SubjectRow.name, len(AUTO_PREFIX) + 1)
+        if s.get_bind().dialect.name == "postgresql":
+            digits = suffix.op("~")("^[0-9]+$")
+        else:
+            digits = (suffix != "") & ~suffix.op("GLOB")("*[^0-9]*")
         name = s.scalar(
             sa.select(SubjectRow.name)
-            .where(SubjectRow.name.like(f"{AUTO_PREFIX}%"))
+            .where(SubjectRow.name.like(f"{AUTO_PREFIX}%"), digits)
             .order_by(sa.func.length(SubjectRow.name).desc(), SubjectRow.name.desc())
             .limit(1)
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
+import re
+import socket
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -83,6 +86,27 @@ def expired_by_policies(catalog: Catalog, policies: list[PolicyInfo], now: datet
     return sorted(doomed)
 
 
+_HOLDER = re.compile(r" on (?P<host>\S+) pid (?P<pid>[0-9]+)$")
+
+
+def dead_writers(leases: list[tuple[str, str]]) -> list[str]:
+    """The leases held on this host by processes that no longer exist (a killed push): their claims
+    need not wait for the lease to expire. A lease of another host, or of a live pid, is left alone."""
+    host = socket.gethostname()
+    dead = []
+    for lease_id, holder in leases:
+        match = _HOLDER.search(holder)
+        if match is None or match["host"] != host:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            dead.append(lease_id)
+        except (PermissionError, OverflowError):  # alive, another user's; or no such pid at all
+            pass
+    return dead
+
+
 def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = False) -> GcReport:
     """Apply retention, then delete every stored object nothing references, older than ``grace`` seconds."""
     with single_gc(catalog):
@@ -90,7 +114,7 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
         expired = expired_by_policies(catalog, catalog.policies(), now)
         if expired and not dry_run:
             catalog.remove_revisions(expired)
-        expired_leases = 0 if dry_run else catalog.drop_expired_leases()
+        expired_leases = 0 if dry_run else catalog.drop_expired_leases() + catalog.drop_leases(dead_writers(catalog.live_leases()))
         cutoff = now - timedelta(seconds=grace)
         old, young = [], 0
         for obj in store.list():

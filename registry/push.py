@@ -90,6 +90,8 @@ def push(
         if component is not None:
             layout["base_component"] = component
         with writer_lease(reg, f"push {subject or 'new subject'}") as lease:
+            # What the push reads is claimed like what it writes: gc keeps it, and `base rm` waits.
+            lease.claim(sorted({t.blob for t in base_tensors.values()}))
             entries = _compress(reg, ckpt, scan, base_tensors, lease, opts, progress)
             scanned = scan.result()
             new = NewRevision(

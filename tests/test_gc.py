@@ -168,8 +168,11 @@ def test_cli_rm_policy_gc(engine, models, tmp_path):
 
 _BLOCKED_PUSH = textwrap.dedent(
     """
-    import sys, time
+    import socket, sys, time
     from dsreg import catalog
+
+    if sys.argv[6] == "another host":  # as if the push ran on another machine: its pid means nothing here
+        socket.gethostname = lambda: "another-host"
 
     def never_commits(self, new, lease_id=None):
         open(sys.argv[4], "w").write("uploaded")
@@ -184,14 +187,15 @@ _BLOCKED_PUSH = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_a_push_killed_between_upload_and_commit(engine, open_registry, models, tmp_path):
+@pytest.mark.parametrize("where", ["this host", "another host"])
+def test_a_push_killed_between_upload_and_commit(engine, open_registry, models, tmp_path, where):
     with open_registry() as reg:
         reg.add_base(models.base, "tiny")
         before = {b.digest for b in reg.store.list()}
     ready = tmp_path / "ready"
     env = {**os.environ, "DSREG_LEASE_TTL": "3"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _BLOCKED_PUSH, engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(ready), str(models.ft)],
+        [sys.executable, "-c", _BLOCKED_PUSH, engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(ready), str(models.ft), where],
         env=env,
     )
     deadline = time.monotonic() + 120
@@ -203,10 +207,12 @@ def test_a_push_killed_between_upload_and_commit(engine, open_registry, models, 
     with open_registry() as reg:
         uploaded = {b.digest for b in reg.store.list()} - before
         assert uploaded and reg.subjects() == []
-        # The lease is still live: even a grace of 0 must not take the blobs.
-        assert reg.gc(grace=0).removed_objects == 0
-        time.sleep(3.5)  # the lease expires without its heartbeat
-        # Orphans now, but younger than the grace period: kept.
+        if where == "another host":
+            # The lease is still live: even a grace of 0 must not take the blobs.
+            assert reg.gc(grace=0).removed_objects == 0
+            time.sleep(3.5)  # the lease expires without its heartbeat
+        # On this host the writer's pid is gone, so its lease ends at once. Orphans now, but younger
+        # than the grace period: kept.
         assert reg.gc(grace=3600).removed_objects == 0
         assert uploaded <= {b.digest for b in reg.store.list()}
         report = reg.gc(grace=0)
@@ -276,3 +282,47 @@ def test_gc_while_pushing_loses_nothing(engine, open_registry, models, tmp_path)
         assert reg.verify(full=True).ok
         reg.gc(grace=0)
         assert _orphans(reg) == []
+
+
+_BLOCKED_AFTER_CLAIMS = textwrap.dedent(
+    """
+    import sys, time
+    from dsreg import push
+
+    def stalls(*args, **kwargs):
+        open(sys.argv[4], "w").write("claimed")
+        time.sleep(3600)
+
+    push._compress = stalls
+    from dsreg import Registry
+    with Registry.open(sys.argv[1], sys.argv[2], home=sys.argv[3]) as r:
+        r.push(sys.argv[5], "busy", base="tiny", device="cpu")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_base_in_use_by_a_push_cannot_be_removed(engine, open_registry, models, tmp_path):
+    with open_registry() as reg:
+        reg.add_base(models.base, "tiny")
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_AFTER_CLAIMS, engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(ready), str(models.ft)],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the push never started"
+            time.sleep(0.1)
+        with open_registry() as reg:
+            with pytest.raises(Conflict, match="in use by a write in progress .push busy on"):
+                reg.remove_base("tiny")
+            assert reg.gc(grace=0).removed_objects == 0  # and gc keeps what the push reads
+    finally:
+        proc.kill()
+        proc.wait()
+    with open_registry() as reg:  # the writer is gone: its lease ends with the next gc, and the base can go
+        reg.gc(grace=0)
+        reg.remove_base("tiny")
+        assert reg.gc(grace=0).removed_objects > 0
+        assert reg.verify(full=True).ok

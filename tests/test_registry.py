@@ -161,6 +161,20 @@ def test_subject_names_are_assigned_and_revisions_counted(reg_base, models):
     assert reg_base.revision("subject-2@1").number == 1
 
 
+def test_auto_names_skip_other_subject_names_in_one_try(reg_base, models, monkeypatch):
+    """A long subject-<word> name once sent every auto-named push through inserts from 1 up."""
+    for name in ("subject-final", "subject-9x", "subject-", "subject-12345678901234567890z"):
+        reg_base.push(models.base, name)
+    assert reg_base.push(models.base).subject == "subject-1"
+    from dsreg.catalog import Catalog
+
+    tries = []
+    insert = Catalog._insert_subject
+    monkeypatch.setattr(Catalog, "_insert_subject", staticmethod(lambda s, name: tries.append(name) or insert(s, name)))
+    assert [reg_base.push(models.base).subject for _ in range(3)] == ["subject-2", "subject-3", "subject-4"]
+    assert tries == ["subject-2", "subject-3", "subject-4"]
+
+
 def test_unknown_subject_and_revision(reg_base, models, tmp_path):
     reg_base.push(models.ft, "known")
     with pytest.raises(SubjectNotFound):
