@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections import Counter
 import time
@@ -52,8 +53,13 @@ class DsregGroup(click.Group):
         except BrokenPipeError:  # `dsreg ls | head`: click exits quietly, as Unix tools do
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            click.echo("interrupted; nothing was committed or written", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Threads still inside a decomposition (a LAPACK call cannot be stopped) would hold the
+            # interpreter's exit for seconds: end the process now. What a push uploaded is an orphan
+            # whose lease gc ends at once, as the writer's pid is gone.
+            os._exit(130)
         except Exception as exc:
             if ctx.obj is not None and ctx.obj.debug:
                 raise
@@ -433,6 +439,8 @@ def gc_command(obj: Context, dry_run, grace, every, as_json):
                 )
                 for ref in report.expired:
                     click.echo(f"  expired {ref}")
+                for path in report.removed_temporaries:
+                    click.echo(f"  removed {path}, left by a killed checkout")
         if interval is None:
             return
         time.sleep(interval)

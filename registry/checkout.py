@@ -65,13 +65,13 @@ def checkout(
         with Scratch() as blobs, threads_per_lane(lanes):
             write_atomically(output, lambda tmp: fill_safetensors(
                 tmp, specs, fill, layout.metadata, workers=lanes, done=lambda n: progress("checkout", n, len(specs))
-            ), layout, overwrite=overwrite)
+            ), layout, overwrite=overwrite, journal=reg.settings.journal)
     else:
         # The rebuild runs a tensor ahead of the writer: matrix products and file writes overlap.
         tensors = ahead(_rebuild(reg, entries, base, dev, progress))
         if checked is not None:
             tensors = checked.wrap(tensors)
-        write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout, overwrite=overwrite)
+        write_atomically(output, lambda tmp: write_checkpoint(tmp, layout, specs, tensors), layout, overwrite=overwrite, journal=reg.settings.journal)
     return CheckoutResult(
         info.ref, output, layout.format, len(specs), sum(s.nbytes for s in specs), str(dev),
         verified=checked.verified if checked else 0, lossy=checked.lossy if checked else 0,

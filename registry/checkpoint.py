@@ -659,17 +659,22 @@ def _write_weights(path: Path, specs, tensors, metadata) -> None:
 # ---------------------------------------------------------------- whole or nothing
 
 
-def write_atomically(output: Path, write: Callable[[Path], None], layout: Layout | None = None, *, overwrite: bool = True) -> None:
+def write_atomically(
+    output: Path, write: Callable[[Path], None], layout: Layout | None = None, *, overwrite: bool = True, journal: Path | None = None
+) -> None:
     """Write under a temporary name beside ``output`` and rename: a reader sees all of it or nothing.
     With ``layout``, no file gets wider permissions than its source had (``restrict_modes``); without
     ``overwrite``, an existing file is refused. A write the system refuses (a full disk, no
-    permission) is an OutputError naming the path, and leaves nothing behind."""
+    permission) is an OutputError naming the path, and leaves nothing behind. With ``journal`` (a
+    folder), the temporary is noted there while it exists, so that :func:`remove_dead_writes` can
+    find it if this process is killed."""
     output = output.absolute()
     if output.is_dir() and any(output.iterdir()):
         raise UsageError(f"{output} is a folder that is not empty; choose a new output path")
     if not overwrite and output.exists() and not output.is_dir():
         raise Conflict(f"{output} exists; choose another output path, or replace it (--force)")
     tmp = output.parent / f".{output.name}.dsreg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    note = _note_write(journal, tmp) if journal is not None else None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(output)
@@ -685,6 +690,46 @@ def write_atomically(output: Path, write: Callable[[Path], None], layout: Layout
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        if note is not None:
+            note.unlink(missing_ok=True)
+
+
+def _note_write(journal: Path, tmp: Path) -> Path:
+    journal.mkdir(parents=True, exist_ok=True)
+    note = journal / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    note.write_text(json.dumps({"temporary": str(tmp)}))
+    return note
+
+
+def remove_dead_writes(journal: Path) -> list[Path]:
+    """Remove the temporaries that writes noted in ``journal`` left behind when their process, on
+    this host, was killed (a checkout interrupted by kill -9); returns the paths removed."""
+    removed = []
+    prefix = f"{socket.gethostname()}-"
+    for note in sorted(journal.glob(f"{glob.escape(prefix)}*.json")) if journal.is_dir() else []:
+        pid = note.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            tmp = Path(json.loads(note.read_text())["temporary"])
+        except (OSError, ValueError, KeyError, TypeError):
+            tmp = None
+        if tmp is not None and tmp.name.startswith(".") and ".dsreg-" in tmp.name and (tmp.exists() or tmp.is_symlink()):
+            _remove(tmp)
+            removed.append(tmp)
+        note.unlink(missing_ok=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -702,11 +747,5 @@ def _remove_stale_temporaries(output: Path) -> None:
     prefix = f".{output.name}.dsreg-{socket.gethostname()}-"
     for tmp in output.parent.glob(f".{glob.escape(output.name)}.dsreg-*"):
         pid = tmp.name[len(prefix):].split("-", 1)[0] if tmp.name.startswith(prefix) else ""
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not _alive(int(pid)):
             _remove(tmp)
-        except PermissionError:  # alive, another user's
-            pass

@@ -22,8 +22,13 @@ R = TypeVar("R")
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T], window: int = 4, workers: int = 4) -> Iterator[R]:
-    """``map(fn, items)`` run up to ``window`` items ahead in threads, yielded in order."""
-    with ThreadPoolExecutor(workers) as pool:
+    """``map(fn, items)`` run up to ``window`` items ahead in threads, yielded in order.
+
+    On Ctrl-C the jobs still running are not waited for (one can be a long LAPACK call): the
+    interrupt reaches the caller at once, and the CLI ends the process.
+    """
+    pool = ThreadPoolExecutor(workers)
+    try:
         pending: deque[Future] = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -31,6 +36,10 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], window: int = 4, workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -71,9 +80,13 @@ def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             if item is done:
                 return
             yield item
-    finally:
+    except KeyboardInterrupt:  # the producer is a daemon thread: not waited for (see prefetch)
         stop.set()
-        thread.join()
+        raise
+    finally:
+        if not stop.is_set():
+            stop.set()
+            thread.join()
 
 
 class Scratch:
@@ -202,13 +215,13 @@ class Background:
         while self._pending:
             self._pending.popleft().result()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         for future in self._pending:
             future.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=wait)
 
     def __enter__(self) -> "Background":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(wait=kind is not KeyboardInterrupt)  # on Ctrl-C, as in prefetch

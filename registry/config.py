@@ -42,6 +42,11 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     lease_ttl: float = DEFAULT_LEASE_TTL
 
+    @property
+    def journal(self) -> Path:
+        """Where checkouts on this machine note their temporaries while they write (see gc)."""
+        return self.home / "writing"
+
     @classmethod
     def resolve(
         cls,

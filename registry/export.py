@@ -80,7 +80,9 @@ def export_lora(
     }
     tensors, metadata = out.finish(metadata)
     output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}-lora.safetensors")
-    write_atomically(output, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+    write_atomically(
+        output, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite, journal=reg.settings.journal
+    )
     return LoraExport(
         info.ref, output, format, len(out.ranks), max(out.ranks.values()), sum(t.numel() for t in tensors.values()),
         output.stat().st_size, tuple(left_out),

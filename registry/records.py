@@ -202,6 +202,7 @@ class GcReport:
     young_objects: int  # younger than the grace period: not considered
     leased_objects: int  # unreferenced, but claimed by a write in progress
     expired_leases: int
+    removed_temporaries: tuple[str, ...] = ()  # half-written outputs of killed checkouts on this machine
 
 
 @dataclass(frozen=True)

@@ -249,12 +249,19 @@ class Registry:
         self.catalog.remove_policy(name)
 
     def gc(self, grace: float = 3600.0, dry_run: bool = False) -> GcReport:
-        """Apply retention policies, then delete unreferenced objects older than ``grace`` seconds."""
+        """Apply retention policies, then delete unreferenced objects older than ``grace`` seconds, and
+        the half-written outputs of checkouts on this machine whose process was killed."""
         if grace < 0:
             raise UsageError("--grace cannot be negative")
-        from . import gc
+        from dataclasses import replace
 
-        return gc.collect(self.catalog, self.store, grace, dry_run)
+        from . import gc
+        from .checkpoint import remove_dead_writes
+
+        report = gc.collect(self.catalog, self.store, grace, dry_run)
+        if dry_run:
+            return report
+        return replace(report, removed_temporaries=tuple(map(str, remove_dead_writes(self.settings.journal))))
 
     def verify(self, full: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Check that every reference resolves (and, with ``full``, that every object hashes to its name)."""

@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,3 +278,40 @@ def test_export_lora(run, models, tmp_path):
     bad = run("export-lora", "exact", "-o", tmp_path / "x.safetensors", ok=False)
     assert bad.exit_code == 2 and "no change that a LoRA can carry" in bad.output and not (tmp_path / "x.safetensors").exists()
     assert run("export-lora", "nobody", ok=False).exit_code == 3
+
+
+_SLOW_PUSH = """
+import sys, time
+from dsreg import deltas
+
+READY = sys.argv[1]
+
+def slow(*args, **kwargs):  # as a long decomposition: a thread that cannot be interrupted
+    open(READY, "w").write("compressing")
+    time.sleep(60)
+
+deltas.compress = slow
+from dsreg.cli.main import main
+sys.argv = ["dsreg", "-q", "push", sys.argv[2], "-s", "dog", "--base", "sd15"]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_push_at_once_and_commits_nothing(tmp_path, models):
+    env = {**os.environ, "DSREG_HOME": str(tmp_path / "home")}
+    assert CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "-q", "base", "add", str(models.base), "--name", "sd15"]).exit_code == 0
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PUSH, str(ready), str(models.ft)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    interrupted = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    # Without the fix the process waits for the 60 s decomposition; a loaded machine still ends it in seconds.
+    assert time.monotonic() - interrupted < 20
+    assert proc.returncode == 130 and stderr.strip().startswith("interrupted"), stderr
+    listing = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "ls", "--json"])
+    assert json.loads(listing.stdout) == []

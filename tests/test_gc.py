@@ -326,3 +326,44 @@ def test_a_base_in_use_by_a_push_cannot_be_removed(engine, open_registry, models
         reg.remove_base("tiny")
         assert reg.gc(grace=0).removed_objects > 0
         assert reg.verify(full=True).ok
+
+
+_STALLED_CHECKOUT = textwrap.dedent(
+    """
+    import sys, time
+    from dsreg import checkout
+
+    def stalls(tmp, *args, **kwargs):
+        open(tmp, "wb").write(b"half a checkpoint")
+        open(sys.argv[4], "w").write("writing")
+        time.sleep(3600)
+
+    checkout.fill_safetensors = stalls
+    from dsreg import Registry
+    with Registry.open(sys.argv[1], sys.argv[2], home=sys.argv[3]) as r:
+        r.checkout("dog", sys.argv[5], device="cpu")
+    """
+)
+
+
+def test_gc_removes_what_a_killed_checkout_left_half_written(engine, open_registry, models, tmp_path):
+    with open_registry() as reg:
+        reg.add_base(models.base, "tiny")
+        reg.push(models.ft, "dog")
+    ready, out = tmp_path / "ready", tmp_path / "outputs" / "dog.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_CHECKOUT, engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(ready), str(out)],
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the checkout never started writing"
+        time.sleep(0.1)
+    with open_registry() as reg:
+        (left,) = out.parent.glob(".dog.safetensors.dsreg-*")
+        assert reg.gc(grace=3600).removed_temporaries == ()  # its writer is alive: not touched
+        assert left.exists()
+        proc.kill()
+        proc.wait()
+        assert reg.gc(grace=3600, dry_run=True).removed_temporaries == ()
+        assert reg.gc(grace=3600).removed_temporaries == (str(left),)
+        assert list(out.parent.iterdir()) == [] and list((tmp_path / "registry" / "writing").iterdir()) == []
