@@ -343,3 +343,20 @@ def test_the_source_digest_is_the_sha256_of_what_was_pushed(reg_base, models, wh
     assert rev.source_digest == source_digest(path)
     if path.is_file():
         assert rev.source_digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_finetunes_are_stored_and_given_back_in_their_dtype(reg, models, tmp_path, dtype):
+    def fp8(sd):
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+    save_file(fp8(models.base_sd), tmp_path / "base8.safetensors")
+    save_file(fp8(models.ft_sd), tmp_path / "ft8.safetensors")
+    reg.add_base(tmp_path / "base8.safetensors", "base8")
+    pushed = fp8(models.ft_sd)
+    exact = load_file(reg.checkout(reg.push(tmp_path / "ft8.safetensors", "s8", exact=True).ref, tmp_path / "e.safetensors").path)
+    assert all(exact[k].dtype == v.dtype and torch.equal(exact[k].view(torch.uint8), v.view(torch.uint8)) for k, v in pushed.items() if v.is_floating_point())
+    # a full-rank rule: the delta formed in fp32, the rebuilt weights cast back to the same fp8 values
+    full = load_file(reg.checkout(reg.push(tmp_path / "ft8.safetensors", "s8", energy=1.0).ref, tmp_path / "f.safetensors").path)
+    for k, v in pushed.items():
+        assert full[k].dtype == v.dtype and torch.equal(full[k].float(), v.float()), k
