@@ -75,13 +75,14 @@ class Layout:
     components: dict[str, dict] | None = None  # pipeline: component folder -> its diffusers layout (weights_name, shards, metadata)
     file_keys: list[str] | None = None  # pipeline: keys that are files (uint8), not weights
     modes: dict[str, int] | None = None  # permission bits of what was read, by path relative to the pushed path ("" for itself)
+    extras: dict | None = None  # pickles: small entries beside the state dict (global_step, epoch), written back
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])}
 
     @classmethod
     def from_json(cls, data: dict) -> "Layout":
-        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files", "components", "file_keys", "modes") if k in data}
+        known = {k: data[k] for k in ("format", "wrapper", "metadata", "shards", "weights_name", "files", "components", "file_keys", "modes", "extras") if k in data}
         return cls(**known)
 
 
@@ -320,12 +321,27 @@ def _foreign_globals(path: Path) -> list[str]:
         return []
 
 
-def _state_dict(path: Path, obj: object) -> tuple[dict, str | None]:
+def _state_dict(path: Path, obj: object) -> tuple[dict, str | None, dict]:
+    """(the tensors, the key they sat under, the small entries beside them to write back)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict of tensors")
     wrapper = None
+    extras: dict = {}
     if isinstance(obj.get("state_dict"), dict):
-        obj, wrapper = obj["state_dict"], "state_dict"
+        outer, obj, wrapper = obj, obj["state_dict"], "state_dict"
+        dropped = []
+        for key, value in outer.items():
+            if key == "state_dict":
+                continue
+            if _small_plain(value):
+                extras[str(key)] = value
+            else:
+                dropped.append(str(key))
+        if dropped:
+            log.warning(
+                "%s: leaving out %d entries beside the state dict that are not small plain values (optimizer states, "
+                "tensors outside it): %s; checkout writes the rest back", path, len(dropped), ", ".join(dropped[:5]),
+            )
     tensors = {}
     skipped = []
     for key, value in obj.items():
@@ -337,13 +353,35 @@ def _state_dict(path: Path, obj: object) -> tuple[dict, str | None]:
         log.warning("%s: ignoring %d entries that are not tensors: %s", path, len(skipped), ", ".join(skipped[:5]))
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found in the pickle")
-    return tensors, wrapper
+    return tensors, wrapper, extras
+
+
+# Entries beside a state dict kept in the catalog (as JSON) only up to this size.
+EXTRAS_LIMIT = 64 << 10
+
+
+def _small_plain(value) -> bool:
+    """A value JSON keeps as it is (numbers, strings, lists and string-keyed dicts of them), and small."""
+    def plain(v) -> bool:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return not (isinstance(v, float) and v != v)  # NaN does not round-trip through strict JSON
+        if isinstance(v, list):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return False
+
+    try:
+        return plain(value) and len(json.dumps(value)) <= EXTRAS_LIMIT
+    except (ValueError, RecursionError):
+        return False
 
 
 def _open_pickle(path: Path) -> Checkpoint:
-    tensors, wrapper = _state_dict(path, _torch_load(path))
+    tensors, wrapper, extras = _state_dict(path, _torch_load(path))
     specs = [TensorSpec(k, _check_dtype(path, k, t.dtype), tuple(t.shape)) for k, t in tensors.items()]
-    return Checkpoint(path, specs, Layout("pickle", wrapper=wrapper), lambda key, scratch=None: tensors[key].contiguous())
+    layout = Layout("pickle", wrapper=wrapper, extras=extras or None)
+    return Checkpoint(path, specs, layout, lambda key, scratch=None: tensors[key].contiguous())
 
 
 def _open_diffusers(path: Path) -> Checkpoint:
@@ -561,7 +599,9 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write_pickle(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], wrapper: str | None = None) -> None:
+def write_pickle(
+    path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], wrapper: str | None = None, extras: dict | None = None
+) -> None:
     """torch.save needs a whole state dict; stage the tensors in a file and map it, so they stay on disk."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".stage-", suffix=".safetensors") as stage:
         write_safetensors(Path(stage.name), specs, tensors)
@@ -578,7 +618,7 @@ def write_pickle(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Te
                     t = torch.empty(0, dtype=dtype)
                 state[spec.key] = t.reshape(spec.shape)
                 offset += spec.nbytes
-            torch.save({wrapper: state} if wrapper else state, path)
+            torch.save({**(extras or {}), wrapper: state} if wrapper else state, path)
             del state
 
 
@@ -587,7 +627,7 @@ def write_checkpoint(path: Path, layout: Layout, specs: list[TensorSpec], tensor
     if layout.format == "safetensors":
         write_safetensors(path, specs, tensors, layout.metadata)
     elif layout.format == "pickle":
-        write_pickle(path, specs, tensors, layout.wrapper)
+        write_pickle(path, specs, tensors, layout.wrapper, layout.extras)
     elif layout.format == "diffusers":
         _write_diffusers(path, layout, specs, tensors)
     elif layout.format == "pipeline":

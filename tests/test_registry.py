@@ -94,8 +94,22 @@ def test_pickle_round_trip_keeps_the_state_dict_wrapper(reg_base, models, tmp_pa
     out = reg_base.checkout("pickled", tmp_path / "p.ckpt")
     assert out.format == "pickle"
     loaded = torch.load(out.path, weights_only=True)
-    assert set(loaded) == {"state_dict"}
+    assert set(loaded) == {"state_dict", "global_step"} and loaded["global_step"] == 30  # the small entries come back
     _assert_same_layout(loaded["state_dict"], models.ft_sd)
+
+
+def test_what_a_pickle_holds_beside_its_state_dict_is_kept_or_named(reg_base, models, tmp_path, caplog):
+    trainer = {
+        "state_dict": models.ft_sd, "epoch": 3, "global_step": 1200, "hyper": {"lr": 1e-6, "prompts": ["a sks dog"]},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(4)}}}], "ema_tensor": torch.zeros(3),
+    }
+    torch.save(trainer, tmp_path / "trainer.ckpt")
+    with caplog.at_level("WARNING", logger="dsreg.checkpoint"):
+        rev = reg_base.push(tmp_path / "trainer.ckpt", "trained")
+    assert "leaving out 2 entries" in caplog.text and "optimizer_states" in caplog.text and "ema_tensor" in caplog.text
+    loaded = torch.load(reg_base.checkout(rev.ref, tmp_path / "back.ckpt").path, weights_only=True)
+    assert {k: loaded[k] for k in ("epoch", "global_step", "hyper")} == {"epoch": 3, "global_step": 1200, "hyper": trainer["hyper"]}
+    assert set(loaded) == {"state_dict", "epoch", "global_step", "hyper"}
 
 
 def test_checkout_format_follows_the_output_suffix(reg_base, models, tmp_path):
