@@ -86,16 +86,35 @@ def base_map(catalog: Catalog, name: str, component: str | None = None) -> dict[
     return component_tensors(tensors, component, catalog.base_layout(name))
 
 
-def base_tensor(reg, t: BaseTensor, blobs: Scratch | None = None) -> torch.Tensor:
+def base_tensor(reg, t: BaseTensor, blobs: Scratch | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A base tensor, decoded into fresh memory; with ``blobs``, its stored frame is read into the
-    thread's reused buffer (from the disk itself, for a local store) rather than a fresh one."""
+    thread's reused buffer (from the disk itself, for a local store) rather than a fresh one. With
+    ``shape``, the shape of a fine-tune's tensor that gained rows, it is padded to it (:func:`grown`)."""
     if blobs is None:
-        return codec.decode(reg.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
-    data = reg.base_blobs.read_into(t.blob, blobs)
-    try:
-        return codec.decode(data, t.raw_size, f"base tensor {t.key!r}")["tensor"]
-    finally:
-        data.release()
+        tensor = codec.decode(reg.base_blobs.get(t.blob), t.raw_size, f"base tensor {t.key!r}")["tensor"]
+    else:
+        data = reg.base_blobs.read_into(t.blob, blobs)
+        try:
+            tensor = codec.decode(data, t.raw_size, f"base tensor {t.key!r}")["tensor"]
+        finally:
+            data.release()
+    return tensor if shape is None else grown(tensor, shape)
+
+
+def can_grow(shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
+    """Whether a fine-tune's tensor of ``shape`` extends a base tensor by rows (new tokens appended
+    to an embedding): more rows, the same of everything else."""
+    return len(shape) == len(base_shape) >= 1 and shape[0] > base_shape[0] and shape[1:] == base_shape[1:]
+
+
+def grown(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The base of a tensor that gained rows: the base's rows, then zero rows. The delta of an
+    appended row is then the row itself, and a token that only some rows changed stays sparse."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    out = tensor.new_zeros(shape)
+    out[: tensor.shape[0]] = tensor
+    return out
 
 
 def component_tensors(tensors: list[BaseTensor], component: str, layout: dict) -> dict[str, BaseTensor]:

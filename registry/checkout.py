@@ -88,14 +88,14 @@ def _rebuild_into(reg, entry: StoredEntry, base: dict[str, BaseTensor], out: tor
         stored = entry_blob(reg, entry)
         if entry.kind != "full":
             t = base[entry.key]
-            if t.dtype == entry.dtype:
+            if t.dtype == entry.dtype and t.shape == entry.shape:
                 data = reg.base_blobs.read_into(t.blob, blobs)
                 try:
                     codec.decode_into(data, t.raw_size, out, f"base tensor {t.key!r}")
                 finally:
                     data.release()
             else:
-                out.copy_(base_tensor(reg, t, blobs))
+                out.copy_(base_tensor(reg, t, blobs, entry.shape))
     except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
         raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
     deltas.apply(entry.kind, out, stored, device)
@@ -110,7 +110,7 @@ def _rebuild(reg, entries: list[StoredEntry], base: dict[str, BaseTensor], devic
     def load(entry: StoredEntry):
         try:
             stored = entry_blob(reg, entry)
-            bt = base_tensor(reg, base[entry.key]) if entry.kind != "full" else None
+            bt = base_tensor(reg, base[entry.key], shape=entry.shape) if entry.kind != "full" else None
         except IntegrityError as exc:  # which tensor the damaged object belongs to, and nothing is written
             raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
         return entry, bt, stored

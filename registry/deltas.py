@@ -10,6 +10,10 @@ Kinds (``entries.kind``):
 - ``exact``: the fine-tune's bits XOR the base's, split into byte planes, for lossless pushes.
 - ``dropped``: a change that budget mode chose not to keep (rebuilds as the base tensor).
 
+A tensor that gained rows over the base's (new tokens appended to an embedding) is stored as the
+change of the base's rows in any of these kinds, with the appended rows whole in the same blob
+(``appended``): they are a new token's identity, and no rank rule may approximate them.
+
 Among the representations that meet the requested fidelity, the one with the smallest blob bound
 wins; ``base``, ``full``, ``sparse`` and ``exact`` rebuild the pushed tensor exactly.
 """
@@ -83,6 +87,8 @@ def compress(
     """
     if not ft.is_floating_point():
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
+    if bt.shape[0] < ft.shape[0]:
+        return _compress_grown(ft, bt, rule, encoding, method=method, device=device, allocation=allocation)
     bt_same = bt.to(ft.dtype)
     if same_bits(bt_same, ft):
         return Stored("base")
@@ -122,6 +128,23 @@ def compress(
     return _stored(chosen, full_rank)
 
 
+def _compress_grown(ft: torch.Tensor, bt: torch.Tensor, rule: RankRule, encoding: str, **options) -> Stored:
+    """A tensor with rows appended to the base's: the base's rows under ``rule``, the new rows whole."""
+    n = bt.shape[0]
+    head = compress(ft[:n].contiguous(), bt, rule, encoding, **options)
+    appended = ft[n:].contiguous()
+    if head.kind in ("base", "dropped", "sparse"):  # changed rows, exactly: the appended rows are more of them
+        rows, values = torch.arange(n, ft.shape[0], dtype=torch.int64), appended.reshape(appended.shape[0], -1)
+        if head.kind == "sparse":
+            kept = codec.decode(head.data, head.raw_size, "sparse rows")
+            rows, values = torch.cat([kept["rows"], rows]), torch.cat([kept["values"], values])
+        return _stored(_Candidate("sparse", {"rows": rows, "values": values}, 0, 0.0, rows.numel()))
+    tensors = codec.decode(head.data, head.raw_size, "the base rows' delta")
+    tensors["appended"] = appended
+    data, raw = codec.encode(tensors)
+    return Stored(head.kind, data, raw, head.rank, head.full_rank, head.rel_error, head.encoding)
+
+
 def rebuild(kind: str, dtype: torch.dtype, bt: torch.Tensor | None, stored: dict | None, device) -> torch.Tensor:
     """The tensor an entry stands for, on the CPU, in ``dtype``; ``bt``, the base tensor, may be changed in place."""
     if kind == "full":
@@ -135,6 +158,11 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
     """Turn ``out``, a contiguous CPU tensor holding the base tensor in the entry's dtype, into the
     entry's tensor in place. W + ΔW is formed in fp32 on ``device``."""
     if kind in ("base", "dropped"):
+        return
+    if stored is not None and "appended" in stored:  # rows beyond the base's (see _compress_grown)
+        rows = stored["appended"].shape[0]
+        apply(kind, out[: out.shape[0] - rows], {k: v for k, v in stored.items() if k != "appended"}, device)
+        out[out.shape[0] - rows :] = stored["appended"].to(out.dtype)
         return
     if kind == "full":
         out.copy_(stored["tensor"])
@@ -161,8 +189,8 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
 
 def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Tensor | None:
     """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
-    if not ft.is_floating_point() or ft.dim() < 2 or same_bits(bt.to(ft.dtype), ft):
-        return None
+    if not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
+        return None  # a tensor that gained rows is stored at a fixed cost (see _compress_grown)
     delta = ft.float() - bt.float()
     return deltasvd.singular_values(deltasvd.as_matrix(delta), method).double()
 

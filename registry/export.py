@@ -46,7 +46,9 @@ def export_lora(
     lora.check_format(format, [e.key for e in entries])
     base = base_map(reg.catalog, info.base, reg.catalog.revision_layout(Ref(info.subject, info.number)).get("base_component"))
     out = lora.LoraFile(format, dtype)
-    targets = {e.key: t for e in entries if (t := lora.target(e.key, e.shape)) is not None}
+    # A tensor that gained rows (new tokens) has no module of the base's shape to attach a LoRA to.
+    fits = [e for e in entries if e.key not in base or base[e.key].shape == e.shape]
+    targets = {e.key: t for e in fits if (t := lora.target(e.key, e.shape)) is not None}
     changed = [e for e in entries if e.kind not in ("base", "dropped")]
     left_out: list[str] = []
     biases: list[tuple[StoredEntry, lora.Target, dict]] = []
@@ -60,7 +62,7 @@ def export_lora(
         if t is not None and entry.kind == "lowrank":
             out.add(t, *lora.factors_pair(*encodings.decode_factors(stored), entry.shape))
         elif t is not None and with_dense and entry.kind == "sparse":
-            base_rows = base_tensor(reg, base[entry.key]).reshape(entry.shape[0], -1)[stored["rows"]].float()
+            base_rows = base_tensor(reg, base[entry.key], shape=entry.shape).reshape(entry.shape[0], -1)[stored["rows"]].float()
             out.add(t, *lora.rows_pair(stored["rows"], stored["values"].float() - base_rows, entry.shape))
         elif t is not None and with_dense and entry.kind in ("dense", "exact"):
             out.add(t, *lora.full_rank_pair(_entry_delta(reg, entry, base, stored), entry.shape))
@@ -91,7 +93,7 @@ def export_lora(
 
 def _entry_delta(reg, entry: StoredEntry, base: dict[str, BaseTensor], stored: dict | None) -> torch.Tensor:
     """An entry's change in fp32: what checkout adds to the base tensor."""
-    bt = base_tensor(reg, base[entry.key])
+    bt = base_tensor(reg, base[entry.key], shape=entry.shape)
     if entry.kind == "dense":
         return stored["delta"].float().reshape(entry.shape)
     rebuilt = deltas.rebuild(entry.kind, codec.dtype_of(entry.dtype), bt.clone(), stored, torch.device("cpu"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import deltas, deltasvd
-from .bases import base_tensor, component_tensors, is_file_key, scan_all, writer_lease
+from .bases import base_tensor, can_grow, component_tensors, is_file_key, scan_all, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
 from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
@@ -206,7 +206,7 @@ def _delta_norm(reg, ckpt: Checkpoint, base: dict[str, BaseTensor], sample: int 
     num = den = 0.0
     for spec in specs[:sample]:
         ft = ckpt.get(spec.key).float()
-        bt = base_tensor(reg, base[spec.key]).float()
+        bt = base_tensor(reg, base[spec.key], shape=spec.shape).float()
         num += float(torch.linalg.vector_norm(ft - bt)) ** 2
         den += float(torch.linalg.vector_norm(ft)) ** 2
     return (num / den) ** 0.5 if den else 0.0
@@ -292,7 +292,9 @@ def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, prog
     for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
         s = deltas.survey(ft.to(device), bt.to(device), method)
         if s is None:
-            stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device)
+            # A tensor that gained rows has no spectrum to plan with: stored losslessly, at a fixed cost.
+            fixed_rule = RankRule("exact") if bt.shape != ft.shape else rule
+            stored[spec.key] = deltas.compress(ft, bt, fixed_rule, encoding, method=method, device=device)
         else:
             layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
         progress("survey", i + 1, len(changed))
@@ -360,6 +362,6 @@ def _mismatch(scanned: Scanned | Scan, base: dict[str, BaseTensor]) -> str | Non
     for s in scanned.specs:
         if s.key in scanned.file_keys or s.key not in base:
             continue
-        if s.shape != base[s.key].shape:
+        if s.shape != base[s.key].shape and not can_grow(s.shape, base[s.key].shape):
             return f"tensor {s.key!r} has shape {list(s.shape)}, the base has {list(base[s.key].shape)}"
     return None

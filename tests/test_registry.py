@@ -374,3 +374,42 @@ def test_fp8_finetunes_are_stored_and_given_back_in_their_dtype(reg, models, tmp
     full = load_file(reg.checkout(reg.push(tmp_path / "ft8.safetensors", "s8", energy=1.0).ref, tmp_path / "f.safetensors").path)
     for k, v in pushed.items():
         assert full[k].dtype == v.dtype and torch.equal(full[k].float(), v.float()), k
+
+
+def test_new_tokens_appended_to_an_embedding_are_stored_and_given_back(reg_base, models, tmp_path):
+    """Textual inversion or DreamBooth with a new token: the embedding has more rows than the base's."""
+    ft = dict(models.ft_sd)
+    table = ft["token_embedding.weight"]
+    g = torch.Generator().manual_seed(9)
+    ft["token_embedding.weight"] = torch.cat([table, table[:2] + 0.1 * torch.randn(2, table.shape[1], generator=g)])
+    save_file(ft, tmp_path / "tokens.safetensors")
+    for kwargs in ({}, {"exact": True}):
+        rev = reg_base.push(tmp_path / "tokens.safetensors", "tokens", **kwargs)
+        back = load_file(reg_base.checkout(rev.ref, tmp_path / "back.safetensors", overwrite=True).path)
+        assert back["token_embedding.weight"].shape == ft["token_embedding.weight"].shape
+        if kwargs:
+            assert all(torch.equal(back[k], ft[k]) for k in ft)
+        else:  # the base's rows under the rank rule, the new rows whole
+            assert torch.equal(back["token_embedding.weight"][-2:], ft["token_embedding.weight"][-2:])
+    # only the new rows changed: stored as those rows, exactly
+    textual_inversion = dict(models.base_sd)
+    textual_inversion["token_embedding.weight"] = ft["token_embedding.weight"][:].clone()
+    textual_inversion["token_embedding.weight"][: table.shape[0]] = models.base_sd["token_embedding.weight"]
+    save_file(textual_inversion, tmp_path / "ti.safetensors")
+    rev = reg_base.push(tmp_path / "ti.safetensors", "ti")
+    (entry,) = [t for t in reg_base.show(rev.ref).tensors if t.kind != "base"]
+    assert entry.key == "token_embedding.weight" and entry.kind == "sparse" and entry.rank == 2
+    assert torch.equal(load_file(reg_base.checkout(rev.ref, tmp_path / "ti-back.safetensors").path)["token_embedding.weight"], textual_inversion["token_embedding.weight"])
+    export = reg_base.export_lora("tokens@1", tmp_path / "tokens-lora.safetensors")
+    assert "token_embedding.weight" in export.left_out
+    budget = reg_base.push(tmp_path / "tokens.safetensors", "tokens", budget="400kB")
+    back = load_file(reg_base.checkout(budget.ref, tmp_path / "budget.safetensors").path)
+    assert budget.stored_bytes <= 400_000 and torch.equal(back["token_embedding.weight"], ft["token_embedding.weight"])
+
+
+def test_a_tensor_that_lost_rows_is_still_refused(reg_base, models, tmp_path):
+    ft = dict(models.ft_sd)
+    ft["token_embedding.weight"] = ft["token_embedding.weight"][:-1].contiguous()
+    save_file(ft, tmp_path / "fewer.safetensors")
+    with pytest.raises(BaseMismatch, match="token_embedding.weight"):
+        reg_base.push(tmp_path / "fewer.safetensors", "fewer", base="tiny")
