@@ -149,14 +149,15 @@ def base_rm(obj: Context, name):
 @click.option("--encoding", type=click.Choice(ENCODINGS), default=DEFAULT_ENCODING, show_default=True, help="How factors are stored.")
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True, help="gram: fast exact spectrum; svd: plain full SVD.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-ema", is_flag=True, help="Leave out an LDM checkpoint's EMA copy (model_ema.*); by default it is stored against the weights it mirrors.")
 @json_option
 @click.pass_obj
-def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, as_json):
+def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, no_ema, as_json):
     """Compress a fine-tuned checkpoint and store it as a new revision."""
     with obj.bars() as bars:
         rev = obj.registry().push(
             path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
-            encoding=encoding, method=method, device=device, progress=bars,
+            encoding=encoding, method=method, device=device, ema=not no_ema, progress=bars,
         )
     if as_json:
         return echo_json(rev)

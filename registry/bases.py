@@ -101,6 +101,21 @@ def base_tensor(reg, t: BaseTensor, blobs: Scratch | None = None, shape: tuple[i
     return tensor if shape is None else grown(tensor, shape)
 
 
+# LDM trainers (LitEma) save an EMA copy of each trained weight of ``model`` under this prefix, its
+# name relative to ``model`` with the dots removed: model.diffusion_model.out.2.weight is mirrored
+# at model_ema.diffusion_modelout2weight. Beside them sit model_ema.decay and model_ema.num_updates.
+EMA_PREFIX = "model_ema."
+_EMA_OF = "model."
+
+
+def with_ema_mirrors(base: dict[str, BaseTensor], keys) -> dict[str, BaseTensor]:
+    """``base`` plus, for each EMA key among ``keys``, the base tensor it mirrors: an EMA weight is
+    stored as a delta against the base weight it is an average of, as the weight itself is."""
+    mirrors = {EMA_PREFIX + key[len(_EMA_OF):].replace(".", ""): t for key, t in base.items() if key.startswith(_EMA_OF)}
+    found = {k: mirrors[k] for k in keys if k.startswith(EMA_PREFIX) and k in mirrors and k not in base}
+    return {**base, **found} if found else base
+
+
 def can_grow(shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
     """Whether a fine-tune's tensor of ``shape`` extends a base tensor by rows (new tokens appended
     to an embedding): more rows, the same of everything else."""

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from . import codec, deltas
-from .bases import base_map, base_tensor
+from .bases import base_map, base_tensor, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Layout, TensorSpec, fill_safetensors, write_atomically, write_checkpoint
 from .concurrency import Scratch, ahead, prefetch, threads_per_lane
@@ -50,7 +50,7 @@ def checkout(
     recorded = reg.catalog.revision_layout(Ref(info.subject, info.number))
     pushed = Layout.from_json(recorded)
     entries = reg.catalog.entries(Ref(info.subject, info.number))
-    base = base_map(reg.catalog, info.base, recorded.get("base_component"))
+    base = with_ema_mirrors(base_map(reg.catalog, info.base, recorded.get("base_component")), [e.key for e in entries])
     output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
     layout = _output_layout(pushed, output, format)
     specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]

@@ -126,6 +126,11 @@ class Checkpoint:
         for spec in self.specs:
             yield spec, self.get(spec.key)
 
+    def without(self, prefix: str) -> "Checkpoint":
+        """The same checkpoint less the tensors whose keys start with ``prefix``; this one still closes it."""
+        kept = [s for s in self.specs if not s.key.startswith(prefix)]
+        return self if len(kept) == len(self.specs) else Checkpoint(self.path, kept, self.layout, self._get)
+
     def file_digest(self) -> str:
         """sha256 of the source (see :func:`source_digest`), from the bytes one iteration already read
         where the format allows, else by reading the source again."""

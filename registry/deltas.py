@@ -71,7 +71,7 @@ def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def compress(
     ft: torch.Tensor,
-    bt: torch.Tensor,
+    bt: torch.Tensor | None,
     rule: RankRule,
     encoding: str,
     *,
@@ -85,7 +85,7 @@ def compress(
     ``base_is_scratch``: the caller decoded ``bt`` for this call alone, and the delta may be formed
     in its memory (an fp32 base on the CPU) instead of in fresh pages.
     """
-    if not ft.is_floating_point():
+    if not ft.is_floating_point() or bt is None:  # integers, and what the base has no tensor for
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
     if bt.shape[0] < ft.shape[0]:
         return _compress_grown(ft, bt, rule, encoding, method=method, device=device, allocation=allocation)
@@ -187,9 +187,9 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
         raise ValueError(f"unknown entry kind {kind!r}")
 
 
-def survey(ft: torch.Tensor, bt: torch.Tensor, method: str = "gram") -> torch.Tensor | None:
+def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram") -> torch.Tensor | None:
     """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
-    if not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
+    if bt is None or not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
         return None  # a tensor that gained rows is stored at a fixed cost (see _compress_grown)
     delta = ft.float() - bt.float()
     return deltasvd.singular_values(deltasvd.as_matrix(delta), method).double()

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from . import codec, deltas, encodings, lora
-from .bases import base_map, base_tensor
+from .bases import base_map, base_tensor, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkout import entry_blob
 from .checkpoint import write_atomically
@@ -44,7 +44,10 @@ def export_lora(
     info = reg.catalog.revision(ref)
     entries = reg.catalog.entries(Ref(info.subject, info.number))
     lora.check_format(format, [e.key for e in entries])
-    base = base_map(reg.catalog, info.base, reg.catalog.revision_layout(Ref(info.subject, info.number)).get("base_component"))
+    base = with_ema_mirrors(
+        base_map(reg.catalog, info.base, reg.catalog.revision_layout(Ref(info.subject, info.number)).get("base_component")),
+        [e.key for e in entries],
+    )
     out = lora.LoraFile(format, dtype)
     # A tensor that gained rows (new tokens) has no module of the base's shape to attach a LoRA to.
     fits = [e for e in entries if e.key not in base or base[e.key].shape == e.shape]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import deltas, deltasvd
-from .bases import base_tensor, can_grow, component_tensors, is_file_key, scan_all, writer_lease
+from .bases import EMA_PREFIX, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
 from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
@@ -68,6 +68,7 @@ def push(
     encoding: str = DEFAULT_ENCODING,
     method: str = "gram",
     device: str = "auto",
+    ema: bool = True,
     progress: Progress | None = None,
 ) -> RevisionInfo:
     """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
@@ -83,7 +84,7 @@ def push(
     rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
     opts = PushOptions(rule, encoding, method, resolve_device(device))
     progress = progress or quiet
-    with open_checkpoint(path) as ckpt, Scan(ckpt, progress) as scan:
+    with open_checkpoint(path) as whole, Scan(ckpt := whole if ema else whole.without(EMA_PREFIX), progress) as scan:
         base_name = base or detect_base(reg, ckpt, scan)
         base_tensors, component = fitting_base(reg.catalog, base_name, scan)
         layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
@@ -159,7 +160,7 @@ def _fit(catalog: Catalog, name: str, scanned: Scanned | Scan) -> tuple[dict[str
     base, or one component of a pipeline base (a UNet folder pushed against a whole pipeline);
     else (None, None, why not)."""
     tensors = catalog.base_tensors(name)
-    whole = {t.key: t for t in tensors}
+    whole = with_ema_mirrors({t.key: t for t in tensors}, [s.key for s in scanned.specs])
     problem = _mismatch(scanned, whole)
     if problem is None:
         return whole, None, None
@@ -290,10 +291,10 @@ def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, prog
     stored: dict[str, deltas.Stored] = {}
     layers = []
     for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
-        s = deltas.survey(ft.to(device), bt.to(device), method)
+        s = deltas.survey(ft.to(device), None if bt is None else bt.to(device), method)
         if s is None:
             # A tensor that gained rows has no spectrum to plan with: stored losslessly, at a fixed cost.
-            fixed_rule = RankRule("exact") if bt.shape != ft.shape else rule
+            fixed_rule = RankRule("exact") if bt is not None and bt.shape != ft.shape else rule
             stored[spec.key] = deltas.compress(ft, bt, fixed_rule, encoding, method=method, device=device)
         else:
             layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
@@ -348,7 +349,8 @@ def _mismatch(scanned: Scanned | Scan, base: dict[str, BaseTensor]) -> str | Non
         k for k in set(base) - keys
         if not is_file_key(k, base[k]) and not (present is not None and "/" in k and k.split("/", 1)[0] not in present)
     )
-    extra = sorted(keys - set(base) - scanned.file_keys)
+    # An EMA copy's bookkeeping (model_ema.decay, num_updates) mirrors nothing of the base: stored whole.
+    extra = sorted(k for k in keys - set(base) - scanned.file_keys if not k.startswith(EMA_PREFIX))
     if missing or extra:
         parts = []
         if extra:

@@ -94,19 +94,21 @@ class Registry:
         encoding: str = DEFAULT_ENCODING,
         method: str = "gram",
         device: str = "auto",
+        ema: bool = True,
         progress: Progress | None = None,
     ) -> RevisionInfo:
         """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
 
         Ranks come from one of: ``energy`` (the paper's tau, default 0.5), ``max_error`` (per tensor,
         relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
-        or ``exact`` (lossless: checkout is bit-identical).
+        or ``exact`` (lossless: checkout is bit-identical). An LDM checkpoint's EMA copy
+        (``model_ema.*``) is stored against the weights it mirrors; ``ema=False`` leaves it out.
         """
         from . import push
 
         return push.push(
             self, path, subject, base=base, energy=energy, max_error=max_error, budget=budget, exact=exact,
-            encoding=encoding, method=method, device=device, progress=progress,
+            encoding=encoding, method=method, device=device, ema=ema, progress=progress,
         )
 
     def sweep(

@@ -255,3 +255,35 @@ def test_export_lora_refuses_a_model_that_no_lora_loader_names(local, tmp_path):
         local.export_lora(rev.ref, tmp_path / "bert-lora.safetensors")
     assert "\n" not in str(info.value) and not (tmp_path / "bert-lora.safetensors").exists()
 
+
+
+def test_an_ldm_checkpoint_with_an_ema_copy_round_trips_or_leaves_it_out(local, models, tmp_path):
+    """LDM trainers save model_ema.<name without dots> beside each trained weight, and the EMA's counters."""
+    base = _ldm(models.base_sd, {})
+    ft = _ldm(models.ft_sd, {})
+    # The EMA of a short fine-tune: most of the way from the base to the fine-tuned weights.
+    ema = {
+        "model_ema." + key[len("model."):].replace(".", ""): (0.3 * base[key] + 0.7 * ft[key]).contiguous()
+        for key in ft if key.startswith("model.diffusion_model.") and ft[key].is_floating_point()
+    }
+    ema["model_ema.decay"] = torch.tensor(0.9999)
+    ema["model_ema.num_updates"] = torch.tensor(300, dtype=torch.int32)
+    save_file(base, tmp_path / "v1.safetensors")
+    torch.save({"state_dict": {**ft, **ema}, "global_step": 300}, tmp_path / "ft.ckpt")
+    local.add_base(tmp_path / "v1.safetensors", "v1")
+
+    rev = local.push(tmp_path / "ft.ckpt", "dog", exact=True)
+    back = torch.load(local.checkout(rev.ref, tmp_path / "back.ckpt").path, weights_only=True)
+    assert back["global_step"] == 300 and set(back["state_dict"]) == set(ft) | set(ema)
+    assert all(torch.equal(back["state_dict"][k], v) for k, v in {**ft, **ema}.items())
+    stored = {t.key: t for t in local.show(rev.ref).tensors}
+    mirror = "model_ema.diffusion_modelconv_inweight"
+    assert stored[mirror].kind == "exact" and stored["model_ema.decay"].kind == "full"
+    # Against the weight it mirrors, an EMA weight costs about what the weight's own delta does.
+    assert stored[mirror].stored_bytes < 1.5 * stored["model.diffusion_model.conv_in.weight"].stored_bytes + 200
+
+    lossy = local.push(tmp_path / "ft.ckpt", "dog", energy=0.5)
+    assert {t.key for t in local.show(lossy.ref).tensors} >= set(ema)
+    without = local.push(tmp_path / "ft.ckpt", "dog", ema=False)
+    out = torch.load(local.checkout(without.ref, tmp_path / "no-ema.ckpt").path, weights_only=True)
+    assert set(out["state_dict"]) == set(ft) and without.stored_bytes < lossy.stored_bytes
