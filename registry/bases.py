@@ -83,7 +83,7 @@ def base_map(catalog: Catalog, name: str, component: str | None = None) -> dict[
     tensors = catalog.base_tensors(name)
     if component is None:
         return {t.key: t for t in tensors}
-    return component_tensors(tensors, component, catalog.base_layout(name))
+    return component_tensors(tensors, component)
 
 
 def base_tensor(reg, t: BaseTensor, blobs: Scratch | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -132,16 +132,17 @@ def grown(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def component_tensors(tensors: list[BaseTensor], component: str, layout: dict) -> dict[str, BaseTensor]:
-    """One component's weights of a pipeline base, by their key inside the component."""
+def component_tensors(tensors: list[BaseTensor], component: str) -> dict[str, BaseTensor]:
+    """One component's tensors of a pipeline base (its weights, and its files such as config.json),
+    by their key inside the component."""
     prefix = f"{component}/"
-    files = set(layout.get("file_keys") or ())
-    return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix) and t.key not in files}
+    return {t.key[len(prefix):]: t for t in tensors if t.key.startswith(prefix)}
 
 
 def is_file_key(key: str, t: BaseTensor) -> bool:
-    """A pipeline file in a base (stored as 1-D uint8): a fine-tune may lack it."""
-    return t.dtype == "uint8" and len(t.shape) == 1 and "/" in key
+    """A folder's file in a base (stored as 1-D uint8: a pipeline's, or a model folder's config.json):
+    a fine-tune may lack it."""
+    return t.dtype == "uint8" and len(t.shape) == 1 and ("/" in key or key.endswith((".json", ".txt")))
 
 
 def manifest_digest(scanned: Scanned) -> str:

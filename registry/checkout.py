@@ -53,6 +53,9 @@ def checkout(
     base = with_ema_mirrors(base_map(reg.catalog, info.base, recorded.get("base_component")), [e.key for e in entries])
     output = Path(output) if output is not None else Path(f"{info.subject}-{info.number}{_default_suffix(pushed)}")
     layout = _output_layout(pushed, output, format)
+    if layout.format in ("safetensors", "pickle") and pushed.file_keys:  # a model folder's config.json is no weight
+        files = set(pushed.file_keys)
+        entries = [e for e in entries if e.key not in files]
     specs = [TensorSpec(e.key, e.dtype, e.shape) for e in entries]
     checked = DigestCheck(info.ref, entries) if verify else None
     if layout.format == "safetensors":

@@ -392,12 +392,23 @@ def _open_pickle(path: Path) -> Checkpoint:
 def _open_diffusers(path: Path) -> Checkpoint:
     if (path / PIPELINE_INDEX).is_file():
         return _open_pipeline(path)
-    files = {p.name: p.read_text() for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".txt") and p.stat().st_size < 1_000_000 and not p.name.endswith(".index.json")}
+    # The folder's small JSON and text files (config.json) are uint8 tensors keyed by name, after the
+    # weights, as a pipeline's are: stored and verified as blobs, never as text in the catalog.
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".txt") and p.stat().st_size < 1_000_000 and not p.name.endswith(".index.json")]
     found = _model_weights(path)
     if found is None:
         raise CheckpointError(f"{path}: a folder, but no diffusers weights in it (diffusion_pytorch_model.safetensors or .bin)")
     inner, _ = found
-    return Checkpoint(path, inner.specs, replace(inner.layout, files=files), inner.get, inner.close)
+    weights = {s.key for s in inner.specs}
+    files = [f for f in files if f.name not in weights]
+    specs = inner.specs + [TensorSpec(f.name, "uint8", (f.stat().st_size,)) for f in files]
+    by_name = {f.name: f for f in files}
+
+    def get(key: str, scratch: Scratch | None = None) -> torch.Tensor:
+        return _file_tensor(by_name[key]) if key in by_name else inner.get(key, scratch)
+
+    layout = replace(inner.layout, file_keys=[f.name for f in files] or None)
+    return Checkpoint(path, specs, layout, get, inner.close)
 
 
 def _model_weights(path: Path) -> tuple[Checkpoint, set[str]] | None:
@@ -642,11 +653,21 @@ def write_checkpoint(path: Path, layout: Layout, specs: list[TensorSpec], tensor
 
 
 def _write_diffusers(path: Path, layout: Layout, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """The weights, then the files (``file_keys``, which the reader puts after the weights)."""
     path.mkdir(parents=True, exist_ok=True)
-    for name, text in layout.files.items():
+    for name, text in layout.files.items():  # revisions pushed before files became blobs
         (path / Path(name).name).write_text(text)
-    weights_name = layout.weights_name or "diffusion_pytorch_model.safetensors"
+    file_keys = set(layout.file_keys or ())
+    files = [s for s in specs if s.key in file_keys]
+    specs = [s for s in specs if s.key not in file_keys]
     stream = iter(tensors)
+    _write_model_weights(path, layout, specs, stream)
+    for spec in files:
+        _write_file(path, spec.key, next(stream))
+
+
+def _write_model_weights(path: Path, layout: Layout, specs: list[TensorSpec], stream: Iterator[torch.Tensor]) -> None:
+    weights_name = layout.weights_name or "diffusion_pytorch_model.safetensors"
     if not layout.shards:
         _write_weights(path / weights_name, specs, stream, layout.metadata)
         return

@@ -208,7 +208,7 @@ class LoraFile:
 
 def left_out_kind(key: str) -> str:
     """What a change that no LoRA module holds is: a bias, a norm, an embedding, a file, or other."""
-    if not key.endswith((".weight", ".bias")) and "/" in key:
+    if not key.endswith((".weight", ".bias")) and ("/" in key or key.endswith((".json", ".txt"))):
         return "file"
     kind = layer_type(key)
     if kind in ("norm", "embedding"):

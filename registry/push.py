@@ -166,7 +166,7 @@ def _fit(catalog: Catalog, name: str, scanned: Scanned | Scan) -> tuple[dict[str
         return whole, None, None
     layout = catalog.base_layout(name)
     for component in layout.get("components") or {}:
-        part = component_tensors(tensors, component, layout)
+        part = component_tensors(tensors, component)
         if part and _mismatch(scanned, part) is None:
             return part, component, None
     return None, None, problem
@@ -344,7 +344,7 @@ def _mismatch(scanned: Scanned | Scan, base: dict[str, BaseTensor]) -> str | Non
     """Why a checkpoint does not fit a base, or None. A pipeline's files need not match: they are stored whole."""
     keys = {s.key for s in scanned.specs}
     # A pipeline may leave out whole components of its base (a fine-tune saved without the safety checker).
-    present = {k.split("/", 1)[0] for k in keys if "/" in k} if scanned.file_keys else None
+    present = {k.split("/", 1)[0] for k in keys if "/" in k} if any("/" in k for k in scanned.file_keys) else None
     missing = sorted(
         k for k in set(base) - keys
         if not is_file_key(k, base[k]) and not (present is not None and "/" in k and k.split("/", 1)[0] not in present)

@@ -105,3 +105,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_model_folders_files_are_blobs_not_catalog_text(local, models, tmp_path):
+    folder = tmp_path / "ft-folder"
+    shutil.copytree(models.ft_diffusers, folder)
+    (folder / "notes.txt").write_text("trained on 12 photos of my dog")
+    local.add_base(models.base, "tiny")
+    rev = local.push(folder, "dog")
+    with local.catalog.engine.connect() as conn:
+        import sqlalchemy as sa
+
+        layouts = " ".join(conn.execute(sa.text("SELECT layout FROM revisions")).scalars())
+    assert "12 photos" not in layouts and "TinyUNet" not in layouts
+    stored = {t.key: t.kind for t in local.show(rev.ref).tensors}
+    assert stored["notes.txt"] == "full" and stored["config.json"] == "full"
+    out = local.checkout(rev.ref, tmp_path / "back", format="diffusers").path
+    assert (out / "notes.txt").read_text() == "trained on 12 photos of my dog"
+    assert (out / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    single = local.checkout(rev.ref, tmp_path / "back.safetensors").path  # no files among the weights
+    from safetensors.torch import load_file
+
+    assert set(load_file(single)) == set(models.ft_sd)
