@@ -38,11 +38,7 @@ def checkout(
     overwrite: bool = True,
     progress: Progress | None = None,
 ) -> CheckoutResult:
-    """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
-
-    With ``verify``, every tensor stored losslessly is hashed and compared with the digest its
-    push recorded; a mismatch raises IntegrityError and writes nothing.
-    """
+    """Registry.checkout: see its docstring."""
     ref = as_ref(ref)
     dev = resolve_device(device)
     progress = progress or quiet

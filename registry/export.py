@@ -32,13 +32,7 @@ def export_lora(
     overwrite: bool = True,
     progress: Progress | None = None,
 ) -> LoraExport:
-    """Write a revision's stored factors as a LoRA file (no full checkpoint is rebuilt).
-
-    Each low-rank entry becomes a LoRA module of its stored rank with scale 1. Changes that a
-    LoRA cannot carry are returned in ``left_out`` and listed in the file's metadata; with
-    ``with_dense`` 2-D dense and sparse deltas go in as exact full-rank modules, and in peft
-    format bias deltas as ``lora_B.bias``.
-    """
+    """Registry.export_lora: see its docstring."""
     ref = as_ref(ref)
     progress = progress or quiet
     info = reg.catalog.revision(ref)

@@ -71,12 +71,7 @@ def push(
     ema: bool = True,
     progress: Progress | None = None,
 ) -> RevisionInfo:
-    """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
-
-    Ranks come from one of: ``energy`` (the paper's tau, default 0.5), ``max_error`` (per tensor,
-    relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
-    or ``exact`` (lossless: checkout is bit-identical).
-    """
+    """Registry.push: see its docstring."""
     if subject is not None:
         validate_name(subject)
     check_choice("encoding", encoding, ENCODINGS)
@@ -114,10 +109,7 @@ def sweep(
     method: str = "gram",
     progress: Progress | None = None,
 ) -> list[SweepRow]:
-    """Stored bytes and error of a checkpoint under each rule and encoding, without storing anything.
-
-    One read and one spectrum per tensor serve every row, so a sweep costs about one push.
-    """
+    """Registry.sweep: see its docstring."""
     rules = [RankRule.parse(r) if isinstance(r, str) else r for r in rules]
     for encoding in encodings:
         check_choice("encoding", encoding, ENCODINGS)
