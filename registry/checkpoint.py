@@ -32,7 +32,7 @@ import torch
 from . import directio, safetensors_format
 from .codec import DTYPES, dtype_name
 from .errors import CheckpointError, Conflict, OutputError, UnsafeCheckpoint, UsageError, first_line
-from .concurrency import Scratch
+from .concurrency import Scratch, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -775,7 +775,7 @@ def remove_dead_writes(journal: Path) -> list[Path]:
     prefix = f"{socket.gethostname()}-"
     for note in sorted(journal.glob(f"{glob.escape(prefix)}*.json")) if journal.is_dir() else []:
         pid = note.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         try:
             tmp = Path(json.loads(note.read_text())["temporary"])
@@ -786,16 +786,6 @@ def remove_dead_writes(journal: Path) -> list[Path]:
             removed.append(tmp)
         note.unlink(missing_ok=True)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:
@@ -813,5 +803,5 @@ def _remove_stale_temporaries(output: Path) -> None:
     prefix = f".{output.name}.dsreg-{socket.gethostname()}-"
     for tmp in output.parent.glob(f".{glob.escape(output.name)}.dsreg-*"):
         pid = tmp.name[len(prefix):].split("-", 1)[0] if tmp.name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             _remove(tmp)

@@ -155,6 +155,18 @@ def return_large_frees() -> None:
     ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid: a live one of another user counts, and so does
+    a pid too large to be one (nothing is removed on its account)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 class MemoryGate:
     """Admits work while the bytes it holds stay within ``limit``; one item larger than the limit is
     admitted alone. Parallel compressions take their turn on the largest layers this way."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import re
 import socket
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from .blobstore import BlobStore
 from .catalog import Catalog
 from .tables import GC_LOCK
 from .errors import Conflict, IntegrityError
-from .concurrency import prefetch
+from .concurrency import prefetch, process_alive
 from .records import GcReport, PolicyInfo, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -96,14 +95,8 @@ def dead_writers(leases: list[tuple[str, str]]) -> list[str]:
     dead = []
     for lease_id, holder in leases:
         match = _HOLDER.search(holder)
-        if match is None or match["host"] != host:
-            continue
-        try:
-            os.kill(int(match["pid"]), 0)
-        except ProcessLookupError:
+        if match is not None and match["host"] == host and not process_alive(int(match["pid"])):
             dead.append(lease_id)
-        except (PermissionError, OverflowError):  # alive, another user's; or no such pid at all
-            pass
     return dead
 
 
