@@ -41,7 +41,13 @@ def build_pair(cache: Path) -> tuple[Path, Path]:
     sd = {k: v.detach().contiguous() for k, v in UNet2DConditionModel(cross_attention_dim=768).state_dict().items()}
     assert sum(v.numel() for v in sd.values()) == 859_520_964
     save_file(sd, base)
-    g = torch.Generator().manual_seed(1)
+    save_file(finetune(sd, seed=1), ft)
+    return base, ft
+
+
+def finetune(sd: dict, seed: int) -> dict:
+    """A fine-tune of ``sd`` with the paper's delta spectrum; another seed makes another subject."""
+    g = torch.Generator().manual_seed(seed)
     out = {}
     for key, w in sd.items():
         if w.dim() < 2:
@@ -56,8 +62,7 @@ def build_pair(cache: Path) -> tuple[Path, Path]:
         delta = (u * s) @ v.T
         delta *= 0.02 * torch.linalg.matrix_norm(m) / torch.linalg.matrix_norm(delta)
         out[key] = (m + delta).reshape(w.shape)
-    save_file(out, ft)
-    return base, ft
+    return out
 
 
 def describe_machine() -> str:

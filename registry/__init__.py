@@ -26,17 +26,21 @@ from .registry import Registry
 
 
 def __getattr__(name: str):
-    # RankRule's module imports torch: only when it is asked for.
+    # These modules import torch: only when they are asked for.
     if name == "RankRule":
         from .ranking import RankRule
 
         return RankRule
+    if name == "Applied":
+        from .live import Applied
+
+        return Applied
     raise AttributeError(f"module 'dsreg' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Registry", "RankRule", "SweepRow",
+    "Registry", "RankRule", "Applied", "SweepRow",
     "BaseInfo", "CheckoutResult", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",

@@ -1,18 +1,23 @@
-"""A bounded, verified local cache of blobs fetched from a remote store.
+"""Bounded caches: blobs of a remote store on the local disk, and subjects' decoded factors in memory.
 
-Base tensors are the bulk of every checkout and are shared by all subjects of a base, so a worker
-that keeps them locally downloads only a subject's own factors from the second checkout on.
-Entries are files named by digest; a read re-hashes them (a corrupt copy is dropped and fetched
-again), and the least recently used are evicted past the size limit.
+``BlobCache``: base tensors are the bulk of every checkout and are shared by all subjects of a
+base, so a worker that keeps them locally downloads only a subject's own factors from the second
+checkout on. Entries are files named by digest; a read re-hashes them (a corrupt copy is dropped
+and fetched again), and the least recently used are evicted past the size limit.
+
+``FactorCache``: a service that switches a live model among a working set of subjects
+(``Registry.apply``) keeps their decoded factors in memory, so a switch reads no store.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 from .blobstore import BlobStore, check_digest, read_verified
 from .directio import Buffer
@@ -102,3 +107,45 @@ def _read_checked(path: Path, digest: str) -> bytes:
     data = path.read_bytes()
     check_digest(data, digest)
     return data
+
+
+class FactorCache:
+    """Decoded blobs (dicts of tensors) in memory, by key; the least recently used are dropped past
+    ``max_bytes``. A value larger than the limit is returned but not kept. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, tuple[dict, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], dict]) -> dict:
+        """The cached value of ``key``, or ``load()``'s, kept for next time. Callers must not change it."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return item[0]
+            self.misses += 1
+        # Loaded outside the lock: a read from the store must not hold up other threads' hits.
+        value = load()
+        size = sum(t.numel() * t.element_size() for t in value.values())
+        with self._lock:
+            if key not in self._items and size <= self.max_bytes:
+                self._items[key] = (value, size)
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._bytes -= dropped
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0

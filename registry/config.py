@@ -18,6 +18,7 @@ ENV_CACHE_SIZE = "DSREG_CACHE_SIZE"
 ENV_STORE_OPTIONS = "DSREG_STORE_OPTIONS"
 ENV_S3_ENDPOINT = "DSREG_S3_ENDPOINT_URL"
 ENV_LEASE_TTL = "DSREG_LEASE_TTL"
+ENV_FACTOR_CACHE = "DSREG_FACTOR_CACHE"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_ENCODING = "fp16"
@@ -27,6 +28,8 @@ ZSTD_LEVEL = 3
 # literals raw, so every checkout decodes the whole base about twice as fast.
 BASE_ZSTD_LEVEL = -1
 DEFAULT_CACHE_SIZE = 20 * 10**9
+# Decoded factors kept in memory by Registry.apply/load: five SD1.5 subjects at tau 0.5 in fp16.
+DEFAULT_FACTOR_CACHE = 2 * 10**9
 # How long a write's claim on its blobs outlives its last heartbeat (a crashed push's blobs become
 # collectable after this, plus the gc grace period).
 DEFAULT_LEASE_TTL = 600.0
@@ -41,6 +44,7 @@ class Settings:
     cache_dir: Path = Path(".")
     cache_size: int = DEFAULT_CACHE_SIZE
     lease_ttl: float = DEFAULT_LEASE_TTL
+    factor_cache: int = DEFAULT_FACTOR_CACHE
 
     @property
     def journal(self) -> Path:
@@ -54,6 +58,7 @@ class Settings:
         store: str | None = None,
         home: str | os.PathLike | None = None,
         store_options: dict | None = None,
+        factor_cache: int | str | None = None,
     ) -> "Settings":
         home_path = Path(home or os.environ.get(ENV_HOME) or Path.home() / ".dsreg").expanduser()
         catalog_url = catalog or os.environ.get(ENV_CATALOG_URL) or f"sqlite:///{home_path / 'catalog.db'}"
@@ -68,6 +73,7 @@ class Settings:
             cache_dir=Path(os.environ.get(ENV_CACHE_DIR) or home_path / "cache").expanduser(),
             cache_size=parse_size(os.environ.get(ENV_CACHE_SIZE) or DEFAULT_CACHE_SIZE),
             lease_ttl=parse_duration(os.environ.get(ENV_LEASE_TTL) or str(DEFAULT_LEASE_TTL)),
+            factor_cache=parse_size(factor_cache if factor_cache is not None else os.environ.get(ENV_FACTOR_CACHE) or DEFAULT_FACTOR_CACHE),
         )
 
 

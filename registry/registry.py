@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .blobstore import BlobStore
-from .cache import BlobCache
+from .cache import BlobCache, FactorCache
 from .catalog import Catalog
 from .config import DEFAULT_ENCODING, Settings
 from .errors import UsageError
@@ -26,6 +26,9 @@ from .records import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
+    from .live import Applied
     from .ranking import RankRule
 
 # The workflows (push, checkout, ...) import torch; each method imports its own where it runs, so
@@ -44,6 +47,8 @@ class Registry:
         self.settings = settings
         # Base tensors from a remote store go through a local cache; a local store is its own cache.
         self.base_blobs = store if store.local else BlobCache(store, settings.cache_dir, settings.cache_size)
+        # Subjects' decoded factors, for load and apply: a switch among recent subjects reads no store.
+        self.factors = FactorCache(settings.factor_cache)
 
     @classmethod
     def open(
@@ -53,9 +58,14 @@ class Registry:
         *,
         home: str | os.PathLike | None = None,
         storage_options: dict | None = None,
+        factor_cache: int | str | None = None,
     ) -> "Registry":
-        """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``."""
-        settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options)
+        """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``.
+
+        ``factor_cache`` bounds the memory that ``load`` and ``apply`` keep decoded factors in
+        (bytes, or e.g. "4GB"; ``DSREG_FACTOR_CACHE``; 2 GB by default).
+        """
+        settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options, factor_cache=factor_cache)
         blob_store = BlobStore(settings.store_url, **settings.store_options)
         return cls(Catalog.open(settings.catalog_url), blob_store, settings)
 
@@ -151,6 +161,36 @@ class Registry:
         from . import checkout
 
         return checkout.checkout(self, ref, output, format=format, device=device, verify=verify, overwrite=overwrite, progress=progress)
+
+    # ------------------------------------------------------------ in memory
+
+    def load(self, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Progress | None = None) -> dict[str, "torch.Tensor"]:
+        """A revision's full state dict in memory, keys as pushed (``component/key`` for a pipeline;
+        a folder's config and text files are left out), on ``device`` and cast to ``dtype`` if given.
+
+        The values are those ``checkout`` writes, bit for bit on the same device and dtype; the
+        tensors are formed a few at a time, so memory peaks at the result and a small working set.
+        """
+        from . import live
+
+        return live.load(self, ref, device=device, dtype=dtype, progress=progress)
+
+    def apply(self, target, ref: str | Ref, *, keep: str = "device", check: str = "sample") -> "Applied":
+        """Write a subject's weights into a live ``torch.nn.Module`` or diffusers pipeline, in place.
+
+        Each touched tensor becomes base + delta, formed in fp32 on the module's device and cast to
+        its dtype. A module that holds another subject is switched directly (only the tensors either
+        subject changes are written). The returned handle restores the base's exact bits on
+        ``restore()`` or at the end of a ``with`` block; ``keep`` says where the base values it
+        needs wait: on the module's ``"device"`` or in ``"host"`` memory. Before anything is
+        written, the module must have the subject's keys and shapes, and the touched tensors the
+        base's values (``check="sample"``: a few by digest; ``"all"``: every one); a module that
+        does not fit raises BaseMismatch and is left untouched, and a failure half-way (a corrupt
+        blob, a store going away) leaves it as it was. See docs/python-api.md for thread safety.
+        """
+        from . import live
+
+        return live.apply(self, target, ref, keep=keep, check=check)
 
     # ------------------------------------------------------------ LoRA export
 

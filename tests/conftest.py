@@ -47,7 +47,7 @@ class Pipelines:
 @pytest.fixture(scope="session")
 def pipelines(tmp_path_factory) -> Pipelines:
     """A tiny diffusers pipeline and two real fine-tunes of it, saved with save_pretrained."""
-    from . import sd_tiny
+    from dsreg import sd_tiny
 
     d = tmp_path_factory.mktemp("pipelines")
     # The same seed builds the same pipeline: the fine-tunes' configs and tokenizer files are the base's.

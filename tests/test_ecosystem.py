@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dsreg import BaseMismatch, Registry, UsageError
 
-from . import sd_tiny
+from dsreg import sd_tiny
 
 
 @pytest.fixture

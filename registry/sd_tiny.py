@@ -1,5 +1,8 @@
 """A tiny Stable Diffusion pipeline (diffusers UNet, VAE, CLIP text encoder and tokenizer), built
-offline, and real fine-tuning steps on it."""
+offline, and real fine-tuning steps on it: what the tests, the benchmarks and the examples push.
+
+Needs diffusers and transformers (``pip install 'dsreg[diffusers]'``).
+"""
 
 from __future__ import annotations
 
@@ -49,11 +52,14 @@ def unet_inputs(seed: int = 5):
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, TOKENS, HIDDEN, generator=g)
 
 
-def train(pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool = False, matrices_only: bool = False) -> None:
+def train(
+    pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool = False, matrices_only: bool = False, seed: int = 1,
+) -> None:
     """Adam steps of a denoising loss through the text encoder and UNet, DreamBooth-style.
 
     ``matrices_only`` trains only weights that a LoRA can carry (conv and linear kernels, not the
-    token table, norms or biases); ``text_encoder`` trains the text encoder too.
+    token table, norms or biases); ``text_encoder`` trains the text encoder too; ``seed`` makes
+    the data, so that another seed trains another subject.
     """
     def trainable(name: str, p: torch.Tensor) -> bool:
         return p.dim() >= 2 and "embedding" not in name if matrices_only else True
@@ -64,7 +70,7 @@ def train(pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool =
     opt = torch.optim.Adam(params, lr=2e-3)
     # A copy: a fast tokenizer that has padded or truncated saves those settings in tokenizer.json.
     ids = copy.deepcopy(pipe.tokenizer)(["a photo of sks dog"] * 2, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with reproducible():
         for _ in range(steps):
             x = torch.randn(2, 4, 8, 8, generator=g)

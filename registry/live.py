@@ -1,0 +1,408 @@
+"""Using a subject without a file: its state dict in memory (``load``), or its weights written into a
+live model in place (``apply``), switched from subject to subject and restored to the base's bits.
+
+The paper's deployment: a service keeps one base model resident and adds a subject's deltas to its
+layers, W_base + A·B per touched tensor, formed in fp32 on the module's device and cast to the
+module's dtype. What restore needs, the base values of the touched tensors, is copied from the
+module before its first write (on the module's device, or in host memory); restore writes those
+copies back, so the base comes back bit for bit, never by subtracting a delta in low precision.
+
+An apply runs in two phases. The first writes nothing: it matches the module's keys and shapes to
+the subject's, checks that the touched tensors hold the base's values (a sample by digest, or all),
+and fetches and decodes every blob the subject needs (through the registry's factor cache). Only
+then are tensors written, by arithmetic in memory; if that fails too, the tensors written so far
+are put back to what the module held before the call.
+
+Thread safety: each module has a lock, held through an apply or a restore, so applies to different
+modules run in parallel and applies to one module run one after another. Running a module's forward
+pass while another thread switches it gives a mix of two subjects: serve each module from one thread
+at a time (or one module per thread).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import codec, deltas
+from .bases import base_map, base_tensor, can_grow, component_tensors, with_ema_mirrors
+from .catalog import BaseTensor, StoredEntry
+from .checkout import CHECKOUT_LANES, _rebuild_into, entry_blob
+from .concurrency import Scratch, prefetch, threads_per_lane
+from .config import resolve_device
+from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
+from .names import Ref, as_ref
+from .records import Progress, quiet
+
+# Touched tensors whose values are compared with the base's digests before a default apply.
+SAMPLED_CHECKS = 8
+KEEP = ("device", "host")
+CHECKS = ("sample", "all")
+_UNCHANGED = ("base", "dropped")
+
+
+@dataclass(frozen=True)
+class _Revision:
+    ref: str
+    base: str
+    entries: tuple[StoredEntry, ...]  # weights only: a folder's files are no tensors of a model
+    base_tensors: dict[str, BaseTensor]  # by entry key
+    component: str | None  # the pipeline component a single model was pushed against
+    pipeline: bool  # keys are component/key
+
+
+def _revision(reg, ref: str | Ref) -> _Revision:
+    info = reg.catalog.revision(as_ref(ref))
+    exact = Ref(info.subject, info.number)
+    recorded = reg.catalog.revision_layout(exact)
+    entries = reg.catalog.entries(exact)
+    files = set(recorded.get("file_keys") or ())
+    base = with_ema_mirrors(base_map(reg.catalog, info.base, recorded.get("base_component")), [e.key for e in entries])
+    return _Revision(
+        info.ref, info.base, tuple(e for e in entries if e.key not in files), base,
+        recorded.get("base_component"), recorded.get("format") == "pipeline",
+    )
+
+
+def _float_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16", "float": "float32"}
+    try:
+        return codec.DTYPES[names.get(dtype, dtype)]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use fp16, bf16, fp32 or a torch.dtype") from None
+
+
+def cached_blob(reg, entry: StoredEntry, device: torch.device | None = None) -> dict[str, torch.Tensor] | None:
+    """An entry's decoded blob through the registry's factor cache, on ``device`` (the CPU by default)."""
+    if not entry.blob:
+        return None
+    device = torch.device(device or "cpu")
+
+    def fetch() -> dict[str, torch.Tensor]:
+        try:
+            stored = entry_blob(reg, entry)
+        except IntegrityError as exc:
+            raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
+        return stored if device.type == "cpu" else {k: v.to(device) for k, v in stored.items()}
+
+    return reg.factors.get((entry.blob, str(device)), fetch)
+
+
+# ---------------------------------------------------------------- load
+
+
+def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Registry.load: see its docstring."""
+    dev, cast = resolve_device(device), _float_dtype(dtype)
+    rev = _revision(reg, ref)
+    entries = list(rev.entries)
+    progress = progress or quiet
+    out = {e.key: torch.empty(e.shape, dtype=codec.dtype_of(e.dtype)) for e in entries}
+    # As checkout forms a safetensors file, in lanes, largest first: each base blob is inflated
+    # straight into its result tensor and the delta added there.
+    order = sorted(range(len(entries)), key=lambda i: -out[entries[i].key].nbytes)
+    with Scratch() as blobs, threads_per_lane(CHECKOUT_LANES), ThreadPoolExecutor(CHECKOUT_LANES) as pool:
+        fill = lambda i: _rebuild_into(reg, entries[i], rev.base_tensors, out[entries[i].key], dev, blobs)  # noqa: E731
+        for count, _ in enumerate(pool.map(fill, order), 1):
+            progress("load", count, len(entries))
+    if cast is not None or dev.type != "cpu":
+        for key, tensor in out.items():  # one tensor at a time: memory holds one result, plus one tensor
+            out[key] = tensor.to(device=dev, dtype=cast if cast is not None and tensor.is_floating_point() else tensor.dtype)
+    return out
+
+
+# ---------------------------------------------------------------- apply
+
+
+@dataclass
+class _Slot:
+    """What dsreg knows of one live module: the subject it holds, and the base values under it."""
+
+    module: weakref.ref
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    current: "Applied | None" = None
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # module key -> base value, for restore
+    changes: dict[str, "_Change"] = field(default_factory=dict)  # module key -> what the current subject wrote
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One touched tensor of a subject, fetched and ready to write (phase two needs no store)."""
+
+    entry: StoredEntry
+    stored: dict[str, torch.Tensor] | None
+    base: torch.Tensor | None = None  # the store's base, where the module's own copy cannot stand in for it
+
+
+_slots: "weakref.WeakKeyDictionary[torch.nn.Module, _Slot]" = weakref.WeakKeyDictionary()
+_slots_lock = threading.Lock()
+
+
+def _slot(module: torch.nn.Module) -> _Slot:
+    with _slots_lock:
+        slot = _slots.get(module)
+        if slot is None:
+            slot = _slots[module] = _Slot(weakref.ref(module))
+        return slot
+
+
+class Applied:
+    """A subject written into live modules. ``restore()``, or leaving a ``with`` block, gives the
+    modules back the base's bits. A handle that a later apply to the same module superseded restores
+    nothing there: the module belongs to the newer handle."""
+
+    def __init__(self, ref: str, base: str, slots: dict[str, _Slot]):
+        self.ref = ref
+        self.base = base
+        self._slots = slots  # component ("" for a bare module) -> slot
+
+    @property
+    def active(self) -> bool:
+        """Whether some module still holds this subject through this handle."""
+        return any(slot.current is self for slot in self._slots.values())
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The pipeline components this handle wrote (``("",)`` for a bare module)."""
+        return tuple(self._slots)
+
+    def restore(self) -> None:
+        for slot in _ordered(self._slots.values()):
+            with slot.lock:
+                if slot.current is self:
+                    module = slot.module()
+                    if module is not None:
+                        _write_base(module, slot, list(slot.changes))
+                    slot.current, slot.saved, slot.changes = None, {}, {}
+
+    def __enter__(self) -> "Applied":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return f"<Applied {self.ref} on {', '.join(c or 'module' for c in self._slots)}{'' if self.active else ' (restored)'}>"
+
+
+def _ordered(slots) -> list[_Slot]:
+    return sorted(slots, key=id)  # one lock order for every caller: no two applies wait on each other
+
+
+def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str = "sample") -> Applied:
+    """Registry.apply: see its docstring."""
+    check_choice("keep", keep, KEEP)
+    check_choice("check", check, CHECKS)
+    rev = _revision(reg, ref)
+    parts = _targets(target, rev)  # component -> (module, {module key: entry})
+    slots = {component: _slot(module) for component, (module, _) in parts.items()}
+    locks = _ordered(slots.values())
+    for slot in locks:
+        slot.lock.acquire()
+    try:
+        # Phase one: nothing is written until every module fits and every blob is in memory.
+        plans = {}
+        for component, (module, entries) in parts.items():
+            state = module.state_dict()
+            where = f"{type(module).__name__}" + (f" ({component})" if component else "")
+            _check_fit(rev, where, state, entries)
+            touched = {k: e for k, e in entries.items() if e.kind not in _UNCHANGED}
+            _check_values(reg, rev, where, state, slots[component], touched, check)
+            plans[component] = (module, state, _fetch(reg, rev, state, touched))
+        handle = Applied(rev.ref, rev.base, {c: slots[c] for c, (_, _, changes) in plans.items() if changes})
+        # Phase two: arithmetic in memory, undone on failure.
+        done: list[tuple[torch.nn.Module, _Slot, dict]] = []
+        try:
+            for component, (module, state, changes) in plans.items():
+                slot = slots[component]
+                previous = (slot.current, dict(slot.saved), dict(slot.changes))
+                done.append((module, slot, previous))
+                _switch(slot, state, changes, keep)
+                slot.current = handle if changes else None
+        except BaseException:
+            for module, slot, (current, saved, changes) in reversed(done):
+                _undo(module, slot, current, saved, changes)
+            raise
+        return handle
+    finally:
+        for slot in reversed(locks):
+            slot.lock.release()
+
+
+def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, dict[str, StoredEntry]]]:
+    """The modules an apply writes, by component ("" for a bare module), with the subject's entries
+    by the module's own keys."""
+    if isinstance(target, torch.nn.Module):
+        component, entries = _component_for(target, rev)
+        return {component: (target, entries)}
+    modules = getattr(target, "components", None)
+    if not isinstance(modules, dict):
+        raise UsageError(f"cannot apply a subject to a {type(target).__name__}: give a torch.nn.Module or a diffusers pipeline")
+    if not rev.pipeline:
+        component = rev.component
+        if component is None:  # a single model: the pipeline's module whose keys it has
+            fits = [c for c, m in modules.items() if isinstance(m, torch.nn.Module) and _by_component(rev, None).keys() <= m.state_dict().keys()]
+            if not fits:
+                raise BaseMismatch(f"no module of the pipeline has the keys of {rev.ref}; apply it to the module it was trained from")
+            component = fits[0]
+        module = modules.get(component)
+        if not isinstance(module, torch.nn.Module):
+            raise BaseMismatch(f"the pipeline has no module {component!r}, which {rev.ref} changes")
+        return {component: (module, _by_component(rev, None))}
+    parts = {}
+    for component in sorted({e.key.split("/", 1)[0] for e in rev.entries if "/" in e.key}):
+        entries = _by_component(rev, component)
+        module = modules.get(component)
+        held = isinstance(module, torch.nn.Module) and _holds(module)
+        if not any(e.kind not in _UNCHANGED for e in entries.values()) and not held:
+            continue  # neither this subject nor the one there now changes it
+        if not isinstance(module, torch.nn.Module):
+            raise BaseMismatch(f"the pipeline has no module {component!r}, which {rev.ref} changes")
+        parts[component] = (module, entries)
+    return parts
+
+
+def _holds(module: torch.nn.Module) -> bool:
+    with _slots_lock:
+        slot = _slots.get(module)
+    return slot is not None and slot.current is not None
+
+
+def _by_component(rev: _Revision, component: str | None) -> dict[str, StoredEntry]:
+    if component is None:
+        return {e.key: e for e in rev.entries}
+    prefix = component + "/"
+    return {e.key[len(prefix):]: e for e in rev.entries if e.key.startswith(prefix)}
+
+
+def _component_for(module: torch.nn.Module, rev: _Revision) -> tuple[str, dict[str, StoredEntry]]:
+    """A bare module: the whole subject, or the component of a pipeline subject whose keys it has."""
+    if not rev.pipeline:
+        return "", _by_component(rev, None)
+    keys = module.state_dict().keys()
+    components = sorted({e.key.split("/", 1)[0] for e in rev.entries if "/" in e.key})
+    scored = sorted(components, key=lambda c: -len(_by_component(rev, c).keys() & keys))
+    best = scored[0] if scored else None
+    if best is None or not _by_component(rev, best).keys() & keys:
+        raise BaseMismatch(f"{type(module).__name__} has none of the keys of {rev.ref} ({', '.join(components)}); apply it to one of these modules, or to the pipeline")
+    return best, _by_component(rev, best)
+
+
+def _check_fit(rev: _Revision, where: str, state: dict[str, torch.Tensor], entries: dict[str, StoredEntry]) -> None:
+    for key, entry in entries.items():
+        tensor = state.get(key)
+        if tensor is None:
+            raise BaseMismatch(f"{where} does not fit {rev.ref} (base {rev.base!r}): it has no tensor {key!r}")
+        if tuple(tensor.shape) != tuple(entry.shape):
+            hint = ""
+            base = rev.base_tensors.get(entry.key)
+            if base is not None and tuple(base.shape) == tuple(tensor.shape) and can_grow(tuple(entry.shape), base.shape):
+                hint = f"; the subject added rows (new tokens): resize the module to {list(entry.shape)} first"
+            raise BaseMismatch(
+                f"{where} does not fit {rev.ref} (base {rev.base!r}): {key!r} has shape {list(tensor.shape)} in the module, "
+                f"{list(entry.shape)} in the subject{hint}"
+            )
+        if tensor.is_floating_point() != codec.dtype_of(entry.dtype).is_floating_point:
+            raise BaseMismatch(f"{where} does not fit {rev.ref}: {key!r} is {codec.dtype_name(tensor.dtype)} in the module, {entry.dtype} in the subject")
+
+
+def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, touched: dict[str, StoredEntry], check: str) -> None:
+    """The tensors the module would give up as its base hold the base's values: those of the keys
+    another subject does not hold now (for those, the slot keeps the base values it saved)."""
+    keys = [k for k in touched if k not in slot.saved and touched[k].key in rev.base_tensors]
+    if check == "sample" and len(keys) > SAMPLED_CHECKS:
+        step = (len(keys) - 1) / (SAMPLED_CHECKS - 1)
+        keys = [keys[round(i * step)] for i in range(SAMPLED_CHECKS)]
+    for key in keys:
+        t = rev.base_tensors[touched[key].key]
+        value = state[key]
+        if codec.dtype_name(value.dtype) == t.dtype:
+            same = codec.tensor_digest(value.detach().cpu()) == t.tensor_digest
+        else:  # a module cast to another dtype: compare with the base cast the same way
+            same = deltas.same_bits(base_tensor(reg, t).to(value.dtype), value.detach().cpu())
+        if not same:
+            raise BaseMismatch(
+                f"{where} does not hold base {rev.base!r}: tensor {key!r} differs from it; apply {rev.ref} only to a module "
+                "loaded from its base (a module changed by other means, e.g. a fused LoRA, is refused)"
+            )
+
+
+def _fetch(reg, rev: _Revision, state: dict, touched: dict[str, StoredEntry]) -> dict[str, _Change]:
+    def fetch(key: str) -> _Change:
+        entry = touched[key]
+        base = None
+        if entry.kind == "exact" and codec.dtype_name(state[key].dtype) != entry.dtype:
+            # Bit-level deltas need the base's own bits, which a module of another dtype lacks.
+            base = base_tensor(reg, rev.base_tensors[entry.key], shape=entry.shape)
+        return _Change(entry, cached_blob(reg, entry, state[key].device), base)
+
+    # Reads and decompression overlap in threads (zstd and the store release the GIL).
+    return dict(zip(touched, prefetch(fetch, list(touched), window=8, workers=4)))
+
+
+@torch.no_grad()
+def _switch(slot: _Slot, state: dict, changes: dict[str, _Change], keep: str) -> None:
+    """Make the module hold ``changes`` over its base: the keys only the old subject touched get
+    their base back, the new subject's keys get base + delta."""
+    old = slot.changes
+    _write_base_state(state, slot, [k for k in old if k not in changes])
+    for key in [k for k in old if k not in changes]:
+        del slot.saved[key]
+    slot.changes = {}
+    for key, change in changes.items():
+        tensor = state[key]
+        if key not in slot.saved:
+            slot.saved[key] = _copy(tensor, keep)
+        _write(tensor, slot.saved[key], change)
+        slot.changes[key] = change
+
+
+def _write(tensor: torch.Tensor, base: torch.Tensor, change: _Change) -> None:
+    entry = change.entry
+    dtype = codec.dtype_of(entry.dtype)
+    source = change.base if change.base is not None else base
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        # In the module's own memory: a fresh tensor per layer would cost page faults on every byte.
+        tensor.copy_(source)
+        deltas.apply(entry.kind, tensor, change.stored, tensor.device)
+        return
+    out = source.to(device=tensor.device, dtype=dtype, copy=True)
+    deltas.apply(entry.kind, out, change.stored, tensor.device)
+    tensor.copy_(out)
+
+
+def _copy(tensor: torch.Tensor, keep: str) -> torch.Tensor:
+    if keep == "device" or tensor.device.type == "cpu":
+        return tensor.detach().clone()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    host.copy_(tensor)
+    return host
+
+
+@torch.no_grad()
+def _write_base_state(state: dict, slot: _Slot, keys) -> None:
+    for key in keys:
+        state[key].copy_(slot.saved[key])
+
+
+def _write_base(module: torch.nn.Module, slot: _Slot, keys) -> None:
+    _write_base_state(module.state_dict(), slot, keys)
+
+
+@torch.no_grad()
+def _undo(module: torch.nn.Module, slot: _Slot, current, saved: dict, changes: dict) -> None:
+    """Put a module back as it was before a failed switch: the base where the switch wrote, then the
+    old subject's tensors over it again."""
+    state = module.state_dict()
+    for key in set(slot.saved) | set(saved):  # every key the switch may have written has its base here
+        state[key].copy_(saved.get(key, slot.saved.get(key)))
+    for key, change in changes.items():
+        _write(state[key], saved[key], change)
+    slot.current, slot.saved, slot.changes = current, saved, changes
