@@ -251,8 +251,8 @@ def test_a_pipeline_subject_applies_to_the_unet_and_the_text_encoder(local, pipe
         assert torch.equal(sd_tiny.outputs(pipe)[1], expected[1])
 
 
-def test_concurrent_applies_on_two_modules(subjects, pipelines):
-    reg = subjects
+def test_concurrent_applies_on_two_modules(local_subjects, pipelines):
+    reg = local_subjects
     modules = [_unet(pipelines.base), _unet(pipelines.base)]
     want = {name: reg.load(name, device="cpu") for name in ("a", "b")}
     errors = []
@@ -285,8 +285,8 @@ def test_one_module_applied_from_two_threads_holds_one_whole_subject(local_subje
     assert any(_same_bits(_bits(unet), w) for w in want.values())
 
 
-def test_a_warm_switch_reads_no_store(subjects, pipelines, monkeypatch):
-    reg = subjects
+def test_a_warm_switch_reads_no_store(local_subjects, pipelines, monkeypatch):
+    reg = local_subjects
     unet = _unet(pipelines.base)
     reg.apply(unet, "a")
     reg.apply(unet, "b")
