@@ -28,7 +28,7 @@ ZSTD_LEVEL = 3
 # literals raw, so every checkout decodes the whole base about twice as fast.
 BASE_ZSTD_LEVEL = -1
 DEFAULT_CACHE_SIZE = 20 * 10**9
-# Decoded factors kept in memory by Registry.apply/load: five SD1.5 subjects at tau 0.5 in fp16.
+# Decoded factors kept in memory by Registry.apply: five SD1.5 subjects at tau 0.5 in fp16.
 DEFAULT_FACTOR_CACHE = 2 * 10**9
 # How long a write's claim on its blobs outlives its last heartbeat (a crashed push's blobs become
 # collectable after this, plus the gc grace period).

@@ -47,7 +47,7 @@ class Registry:
         self.settings = settings
         # Base tensors from a remote store go through a local cache; a local store is its own cache.
         self.base_blobs = store if store.local else BlobCache(store, settings.cache_dir, settings.cache_size)
-        # Subjects' decoded factors, for load and apply: a switch among recent subjects reads no store.
+        # Subjects' decoded factors, for apply: a switch among recent subjects reads no store.
         self.factors = FactorCache(settings.factor_cache)
 
     @classmethod
@@ -62,7 +62,7 @@ class Registry:
     ) -> "Registry":
         """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``.
 
-        ``factor_cache`` bounds the memory that ``load`` and ``apply`` keep decoded factors in
+        ``factor_cache`` bounds the memory that ``apply`` keeps decoded factors in
         (bytes, or e.g. "4GB"; ``DSREG_FACTOR_CACHE``; 2 GB by default).
         """
         settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options, factor_cache=factor_cache)
