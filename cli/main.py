@@ -188,17 +188,18 @@ def checkout(obj: Context, ref, output, fmt, device, verify, force):
 @cli.command("export-lora")
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="LoRA file to write (default: SUBJECT-REV-lora.safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["kohya", "peft"]), default="kohya", show_default=True,
-              help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys.")
-@click.option("--with-dense", is_flag=True, help="Also carry dense and sparse 2-D deltas as full-rank modules (and, in peft, bias deltas).")
+@click.option("--format", "fmt", type=click.Choice(["kohya", "peft"]),
+              help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys. "
+                   "Default: an adapter subject's own kind, else kohya.")
+@click.option("--factors-only", is_flag=True, help="Only the low-rank factors: leave out the 2-D deltas stored dense, sparse or exact (full-rank modules).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @force_option
 @json_option
 @click.pass_obj
-def export_lora(obj: Context, ref, output, fmt, with_dense, dtype, force, as_json):
+def export_lora(obj: Context, ref, output, fmt, factors_only, dtype, force, as_json):
     """Write SUBJECT[@REV]'s stored factors as a LoRA file, without rebuilding the checkpoint."""
     with obj.bars() as bars:
-        result = obj.registry().export_lora(ref, output, format=fmt, with_dense=with_dense, dtype=dtype, overwrite=force, progress=bars)
+        result = obj.registry().export_lora(ref, output, format=fmt, factors_only=factors_only, dtype=dtype, overwrite=force, progress=bars)
     if as_json:
         echo_json(result)
     else:

@@ -89,6 +89,12 @@ class Layout:
 class Checkpoint:
     """An opened checkpoint: an ordered list of tensor specs and one tensor at a time on demand."""
 
+    # An adapter merged onto a base (adapters.MergedCheckpoint) says which base, gives its changes
+    # in closed form by key, and knows the digests of the tensors it left as the base's.
+    merged_onto: str | None = None
+    updates: dict = {}
+    known_digests: dict[str, str] = {}
+
     def __init__(self, path: Path, specs: list[TensorSpec], layout: Layout, getter, closer=None, streamed=None):
         self.path = path
         self.specs = specs

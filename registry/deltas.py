@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -48,6 +49,16 @@ class Stored:
     @property
     def digest(self) -> str | None:
         return None if self.data is None else hashlib.sha256(self.data).hexdigest()
+
+
+class Update(Protocol):
+    """A tensor's change in closed form (see :mod:`adapters`)."""
+
+    factored: bool  # given as up · down: ``spectrum`` decomposes it without forming it
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor: ...
+
+    def spectrum(self, device) -> deltasvd.FactoredSpectrum: ...
 
 
 @dataclass(frozen=True)
@@ -79,11 +90,15 @@ def compress(
     device: torch.device | str = "cpu",
     allocation: Allocation | None = None,
     base_is_scratch: bool = False,
+    update: Update | None = None,
 ) -> Stored:
     """Store ``ft`` against base tensor ``bt`` under ``rule``; budget mode passes each tensor's ``allocation``.
 
     ``base_is_scratch``: the caller decoded ``bt`` for this call alone, and the delta may be formed
     in its memory (an fp32 base on the CPU) instead of in fresh pages.
+    ``update``: the change in closed form, where an adapter gave it (``ft`` is then the merged
+    tensor): a lossy rule decomposes it as given, not as rounded into the base's dtype, and a
+    low-rank update is decomposed from its factors.
     """
     if not ft.is_floating_point() or bt is None:  # integers, and what the base has no tensor for
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
@@ -97,16 +112,22 @@ def compress(
         return _stored(min(filter(None, [sparse, _xor(ft, bt_same)]), key=lambda c: c.bound))
 
     bound = rule.value if rule.mode == "max-error" else None
-    ft32, base32 = ft.to(device=device, dtype=torch.float32), bt.to(device=device, dtype=torch.float32)
-    if base32 is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
-        delta = torch.sub(ft32, bt, out=bt)
+    if update is not None:
+        delta = None if update.factored else update.delta(tuple(ft.shape)).to(device)
     else:
-        delta = ft32 - base32
+        ft32, base32 = ft.to(device=device, dtype=torch.float32), bt.to(device=device, dtype=torch.float32)
+        if base32 is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
+            delta = torch.sub(ft32, bt, out=bt)
+        else:
+            delta = ft32 - base32
     full_rank = None
-    if delta.dim() < 2:
+    if ft.dim() < 2:
         chosen = _dense(delta, encoding)
     else:
-        spectrum = deltasvd.Spectrum(delta, method)
+        if delta is None:
+            spectrum = update.spectrum(device)
+        else:
+            spectrum = deltasvd.Spectrum(delta, method)
         full_rank = spectrum.full_rank
         t = allocation.rank if allocation is not None else spectrum.rank(rule.mode, rule.value)
         measured = bound is not None
@@ -116,9 +137,9 @@ def compress(
             chosen = _lowrank(spectrum, min(full_rank, chosen.rank + max(1, chosen.rank // 8)), encoding, measured=measured)
         if t == 0 and allocation is not None:
             chosen = _Candidate("dropped", {}, 0, 1.0, 0)
-        whole = dense_bound(tuple(delta.shape), encodings.dense_dtype(encoding))
+        whole = dense_bound(tuple(ft.shape), encodings.dense_dtype(encoding))
         if whole < chosen.bound or (bound is not None and chosen.rel_error > bound):
-            dense = _dense(delta, encoding)
+            dense = _dense(update.delta(tuple(ft.shape)).to(device) if delta is None else delta, encoding)
             if dense.rel_error <= chosen.rel_error or dense.bound < chosen.bound:
                 chosen = dense
     if sparse is not None and sparse.bound <= chosen.bound:
@@ -187,8 +208,12 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
         raise ValueError(f"unknown entry kind {kind!r}")
 
 
-def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram") -> torch.Tensor | None:
+def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram", update: Update | None = None) -> torch.Tensor | None:
     """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
+    if update is not None and ft.dim() >= 2:
+        if update.factored:
+            return update.spectrum(ft.device).s
+        return deltasvd.singular_values(deltasvd.as_matrix(update.delta(tuple(ft.shape))), method).double()
     if bt is None or not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
         return None  # a tensor that gained rows is stored at a fixed cost (see _compress_grown)
     delta = ft.float() - bt.float()
@@ -198,14 +223,14 @@ def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram") -> t
 # ---------------------------------------------------------------- candidates
 
 
-def _lowrank(spectrum: deltasvd.Spectrum, t: int, encoding: str, wide: int | None = None, *, measured: bool = False) -> _Candidate:
+def _lowrank(spectrum: deltasvd.Spectrum | deltasvd.FactoredSpectrum, t: int, encoding: str, wide: int | None = None, *, measured: bool = False) -> _Candidate:
     """``measured``: the stored error from the residual itself, where a bound rests on it; else from the spectrum."""
     a, b = spectrum.factors(t)
     tensors = encodings.encode_factors(a, b, spectrum.s, encoding, wide)
     if measured:
         del a, b  # in fp32, as large as the decoded factors below: not both at once
-    qa, qb = (x.to(spectrum.matrix.device) for x in encodings.decode_factors(tensors))
-    error = deltasvd.relative_error(spectrum.matrix, qa, qb) if measured else spectrum.stored_error(a, b, qa, qb)
+    qa, qb = (x.to(spectrum.device) for x in encodings.decode_factors(tensors))
+    error = spectrum.error_of(qa, qb) if measured else spectrum.stored_error(a, b, qa, qb)
     return _Candidate("lowrank", tensors, blob_bound_of(tensors), error, t, encoding)
 
 

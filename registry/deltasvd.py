@@ -196,6 +196,61 @@ class Spectrum:
     def _s32(self) -> torch.Tensor:
         return self.s.float()
 
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def error_of(self, qa: torch.Tensor, qb: torch.Tensor) -> float:
+        """‖ΔW − Qa·Qb‖_F / ‖ΔW‖_F, measured on the residual."""
+        return relative_error(self.matrix, qa, qb)
+
+
+class FactoredSpectrum:
+    """The exact spectrum of a delta given as a product, ΔW = up · down (an adapter's LoRA), formed
+    from the factors alone: with up = Q₁R₁ and downᵀ = Q₂R₂, ΔW = Q₁(R₁R₂ᵀ)Q₂ᵀ, so the SVD of the
+    r x r core gives every nonzero singular value and the singular vectors, and ΔW is never formed.
+
+    It answers what a :class:`Spectrum` answers (ranks, factors at rank t, the stored error), over
+    at most r singular values: no rank rule can keep more than the adapter's own rank.
+    """
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        up, down = up.double(), down.double()
+        self.full_rank = up.shape[1]  # the product's rank is at most the factors' inner dimension
+        q1, r1 = torch.linalg.qr(up)
+        q2, r2 = torch.linalg.qr(down.T)
+        u, s, vh = torch.linalg.svd(r1 @ r2.T)
+        # What fp64 cannot tell from zero is zero (as Spectrum._exact): a LoRA whose rank is below
+        # its declared r keeps only its true rank at τ 1.
+        s = torch.where(s > max(up.shape[0], down.shape[1]) * torch.finfo(torch.float64).eps * s[:1], s, 0.0)
+        self.s = self.s_low = self.s_high = s
+        self._u, self._v = q1 @ u, q2 @ vh.T  # (out, r) and (in, r), orthonormal columns, fp64
+        self.method = "factored"
+
+    @property
+    def device(self) -> torch.device:
+        return self._u.device
+
+    def rank(self, mode: str, value: float) -> int:
+        return {"energy": energy_rank, "max-error": error_rank}[mode](self.s, value)
+
+    def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self._u[:, :t] * self.s[:t]).float(), self._v[:, :t].T.float().contiguous()
+
+    def stored_error(self, a: torch.Tensor, b: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor) -> float:
+        return self.error_of(qa, qb)
+
+    def error_of(self, qa: torch.Tensor, qb: torch.Tensor) -> float:
+        """‖ΔW − Qa·Qb‖_F / ‖ΔW‖_F without forming either: ΔW − Qa·Qb = X·Y with X = [UΣ, −Qa] and
+        Y = [Vᵀ; Qb], whose squared norm is the trace of (XᵀX)(YYᵀ), two small Gram matrices."""
+        total = float((self.s**2).sum())
+        if total <= 0:
+            return 0.0
+        x = torch.cat([self._u * self.s, -qa.double()], dim=1)
+        y = torch.cat([self._v.T, qb.double()], dim=0)
+        squares = float(((x.T @ x) * (y @ y.T)).sum())
+        return max(0.0, squares / total) ** 0.5
+
 
 class _GramEigen:
     """A Gram matrix's eigenvalues as singular values, descending, and its top eigenvectors on demand:

@@ -26,8 +26,8 @@ def export_lora(
     ref: str | Ref,
     output: str | os.PathLike | None = None,
     *,
-    format: str = "kohya",
-    with_dense: bool = False,
+    format: str | None = None,
+    factors_only: bool = False,
     dtype: str = "fp16",
     overwrite: bool = True,
     progress: Progress | None = None,
@@ -37,11 +37,12 @@ def export_lora(
     progress = progress or quiet
     info = reg.catalog.revision(ref)
     entries = reg.catalog.entries(Ref(info.subject, info.number))
+    layout = reg.catalog.revision_layout(Ref(info.subject, info.number))
+    if format is None:  # an adapter subject goes back to its own kind of file
+        format = "peft" if (layout.get("adapter") or {}).get("format") == "diffusers" else "kohya"
     lora.check_format(format, [e.key for e in entries])
-    base = with_ema_mirrors(
-        base_map(reg.catalog, info.base, reg.catalog.revision_layout(Ref(info.subject, info.number)).get("base_component")),
-        [e.key for e in entries],
-    )
+    base = with_ema_mirrors(base_map(reg.catalog, info.base, layout.get("base_component")), [e.key for e in entries])
+    dense = not factors_only
     out = lora.LoraFile(format, dtype)
     # A tensor that gained rows (new tokens) has no module of the base's shape to attach a LoRA to.
     fits = [e for e in entries if e.key not in base or base[e.key].shape == e.shape]
@@ -55,13 +56,13 @@ def export_lora(
 
     for i, (entry, stored) in enumerate(prefetch(load, changed, window=4, workers=4)):
         t = targets.get(entry.key)
-        bias = lora.bias_target(entry.key, targets) if with_dense else None
+        bias = lora.bias_target(entry.key, targets) if dense else None
         if t is not None and entry.kind == "lowrank":
             out.add(t, *lora.factors_pair(*encodings.decode_factors(stored), entry.shape))
-        elif t is not None and with_dense and entry.kind == "sparse":
+        elif t is not None and dense and entry.kind == "sparse":
             base_rows = base_tensor(reg, base[entry.key], shape=entry.shape).reshape(entry.shape[0], -1)[stored["rows"]].float()
             out.add(t, *lora.rows_pair(stored["rows"], stored["values"].float() - base_rows, entry.shape))
-        elif t is not None and with_dense and entry.kind in ("dense", "exact"):
+        elif t is not None and dense and entry.kind in ("dense", "exact"):
             out.add(t, *lora.full_rank_pair(_entry_delta(reg, entry, base, stored), entry.shape))
         elif bias is not None and entry.kind in ("dense", "exact", "sparse"):
             biases.append((entry, bias, stored))  # after the weights: a bias rides on its layer's module
@@ -72,7 +73,8 @@ def export_lora(
         if not out.add_bias(bias, _entry_delta(reg, entry, base, stored)):
             left_out.append(entry.key)
     if not out.ranks:
-        raise UsageError(f"{info.ref} has no change that a LoRA can carry (no low-rank layers); check it out instead")
+        why = "no low-rank layers, and --factors-only leaves out the rest" if factors_only else "no changed conv or linear weights"
+        raise UsageError(f"{info.ref} has no change that a LoRA can carry ({why}); check it out instead")
     metadata = {
         "dsreg.subject": info.ref, "dsreg.base": info.base, "dsreg.rank_rule": info.rank_rule,
         "dsreg.left_out": json.dumps(left_out),

@@ -66,16 +66,28 @@ def target(key: str, shape: tuple[int, ...]) -> Target | None:
     """The LoRA module a weight key belongs to, or None when no LoRA can carry a change to it."""
     if not key.endswith(".weight") or len(shape) not in (2, 4):
         return None
+    t = module_of(key)
+    if t is None or _EMBEDDING.search(t.module.rsplit(".", 1)[-1]):
+        return None  # an nn.Embedding: no conv/linear LoRA
+    return t
+
+
+def module_of(key: str) -> Target | None:
+    """The module a weight or bias key belongs to, as LoRA files name it; None for a key of a model
+    that LoRA conventions have no names for."""
+    suffix = next((s for s in (".weight", ".bias") if key.endswith(s)), None)
+    if suffix is None:
+        return None
     if key.startswith("text_model."):  # a CLIP text encoder on its own: kohya's names keep text_model
-        module = key[: -len(".weight")]
-        return None if _EMBEDDING.search(module.rsplit(".", 1)[-1]) else Target(module, "lora_te_" + module.replace(".", "_"), "text_encoder." + module)
+        module = key[: -len(suffix)]
+        return Target(module, "lora_te_" + module.replace(".", "_"), "text_encoder." + module)
     for prefix, kohya, peft in _COMPONENTS:
         if key.startswith(prefix):
             if not prefix and key.startswith(_NO_LORA):  # after the named prefixes: cond_stage_model.transformer. is one
                 return None
-            module = key[len(prefix) : -len(".weight")]
-            if "/" in module or _EMBEDDING.search(module.rsplit(".", 1)[-1]):
-                return None  # another pipeline component, or an nn.Embedding (no conv/linear LoRA)
+            module = key[len(prefix) : -len(suffix)]
+            if "/" in module:
+                return None  # another pipeline component
             return Target(module, kohya + module.replace(".", "_"), peft and peft + module)
     return None
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import deltas, deltasvd
+from . import adapters, deltas, deltasvd
 from .bases import EMA_PREFIX, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
-from .checkpoint import Checkpoint, TensorSpec, open_checkpoint
+from .checkpoint import Checkpoint, TensorSpec
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import DEFAULT_ENCODING, resolve_device
 from .encodings import ENCODINGS
@@ -40,6 +40,10 @@ TOPUP_MIN = 0.01
 COMPRESS_LANES = 2
 COMPRESS_AHEAD = 8
 COMPRESS_MEMORY = 1200 << 20
+
+# An adapter pushed without a rank rule keeps every direction it has: its rank is already its
+# trainer's choice, and factors of that rank take no more bytes than the file.
+ADAPTER_ENERGY = 1.0
 
 # A clear winner when detecting a base: its delta must be this much smaller than the runner-up's.
 DETECT_MARGIN = 0.5
@@ -77,14 +81,19 @@ def push(
     check_choice("encoding", encoding, ENCODINGS)
     check_choice("method", method, deltasvd.METHODS)
     rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
-    opts = PushOptions(rule, encoding, method, resolve_device(device))
+    chosen = any(v is not None for v in (energy, max_error, budget)) or exact
     progress = progress or quiet
-    with open_checkpoint(path) as whole, Scan(ckpt := whole if ema else whole.without(EMA_PREFIX), progress) as scan:
-        base_name = base or detect_base(reg, ckpt, scan)
+    with adapters.open_input(reg, path, base) as whole, Scan(ckpt := whole if ema else whole.without(EMA_PREFIX), progress) as scan:
+        if whole.merged_onto and not chosen:
+            rule = RankRule("energy", ADAPTER_ENERGY)
+        opts = PushOptions(rule, encoding, method, resolve_device(device))
+        base_name = whole.merged_onto or base or detect_base(reg, ckpt, scan)
         base_tensors, component = fitting_base(reg.catalog, base_name, scan)
         layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
         if component is not None:
             layout["base_component"] = component
+        if whole.merged_onto:
+            layout["adapter"] = whole.describe()
         with writer_lease(reg, f"push {subject or 'new subject'}") as lease:
             # What the push reads is claimed like what it writes: gc keeps it, and `base rm` waits.
             lease.claim(sorted({t.blob for t in base_tensors.values()}))
@@ -116,9 +125,9 @@ def sweep(
     check_choice("method", method, deltasvd.METHODS)
     progress = progress or quiet
     return_large_frees()
-    with open_checkpoint(path) as ckpt:
+    with adapters.open_input(reg, path, base) as ckpt:
         scanned = scan_all(ckpt, progress)
-        base_tensors, _ = fitting_base(reg.catalog, base or detect_base(reg, ckpt, scanned), scanned)
+        base_tensors, _ = fitting_base(reg.catalog, ckpt.merged_onto or base or detect_base(reg, ckpt, scanned), scanned)
         changed = _changed(scanned, base_tensors)
         layers, fixed = [], []
 
@@ -126,7 +135,7 @@ def sweep(
             return spec, ckpt.get(spec.key), base_tensor(reg, base_tensors[spec.key]) if spec.key in base_tensors else None
 
         for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
-            s = deltas.survey(ft, bt, method)
+            s = deltas.survey(ft, bt, method, ckpt.updates.get(spec.key))
             if s is not None:
                 layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s))
             elif bt is None or not deltas.same_bits(bt.to(ft.dtype), ft):
@@ -222,7 +231,7 @@ def _compress(
     if rule.mode == "budget":  # the plan needs every changed layer's spectrum first
         changed = _changed(scan.result(), base)
         done = {s.key: deltas.Stored("base") for s in specs if s not in changed}
-        done.update(_compress_to_budget(load, changed, opts, progress))
+        done.update(_compress_to_budget(load, changed, opts, progress, ckpt.updates))
     entries: dict[str, NewEntry] = {}
     # On the CPU, LANES layers are decomposed side by side (see threads_per_lane). Layers are read
     # up to COMPRESS_AHEAD past the oldest one still running, so that a lane that finishes a small
@@ -249,7 +258,9 @@ def _compress(
         try:
             if ft is None:
                 return spec, deltas.Stored("base")
-            return spec, deltas.compress(ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True)
+            return spec, deltas.compress(
+                ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True, update=ckpt.updates.get(spec.key)
+            )
         finally:
             gate.release(weight)
 
@@ -271,7 +282,9 @@ def _compress(
     return result
 
 
-def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, progress: Progress) -> dict[str, deltas.Stored]:
+def _compress_to_budget(
+    load, changed: list[TensorSpec], opts: PushOptions, progress: Progress, updates: dict
+) -> dict[str, deltas.Stored]:
     """A budget push, before anything is uploaded (what it keeps in memory is budget-sized).
 
     Pass one stores what has no rank (1-D deltas, integer tensors) and takes every 2-D delta's
@@ -283,11 +296,11 @@ def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, prog
     stored: dict[str, deltas.Stored] = {}
     layers = []
     for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
-        s = deltas.survey(ft.to(device), None if bt is None else bt.to(device), method)
+        s = deltas.survey(ft.to(device), None if bt is None else bt.to(device), method, updates.get(spec.key))
         if s is None:
             # A tensor that gained rows has no spectrum to plan with: stored losslessly, at a fixed cost.
             fixed_rule = RankRule("exact") if bt is not None and bt.shape != ft.shape else rule
-            stored[spec.key] = deltas.compress(ft, bt, fixed_rule, encoding, method=method, device=device)
+            stored[spec.key] = deltas.compress(ft, bt, fixed_rule, encoding, method=method, device=device, update=updates.get(spec.key))
         else:
             layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
         progress("survey", i + 1, len(changed))
@@ -303,7 +316,9 @@ def _compress_to_budget(load, changed: list[TensorSpec], opts: PushOptions, prog
     for _ in range(1 + TOPUP_ROUNDS):
         specs = [s for s in changed if s.key in todo]
         for i, (spec, ft, bt) in enumerate(prefetch(load, specs, window=2, workers=2)):
-            stored[spec.key] = deltas.compress(ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key])
+            stored[spec.key] = deltas.compress(
+                ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key], update=updates.get(spec.key)
+            )
             progress("compress", i + 1, len(specs))
         paid = {layer.key: len(stored[layer.key].data or b"") for layer in layers}
         left = room - sum(paid.values())

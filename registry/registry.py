@@ -113,6 +113,10 @@ class Registry:
         relative Frobenius error of the delta), ``budget`` (bytes for the whole revision, e.g. "20MB")
         or ``exact`` (lossless: checkout is bit-identical). An LDM checkpoint's EMA copy
         (``model_ema.*``) is stored against the weights it mirrors; ``ema=False`` leaves it out.
+
+        ``path`` may also be an adapter file (kohya/LyCORIS LoRA and LoCon, diffusers/peft LoRA;
+        docs/adapters.md): it is stored as its base with the adapter merged, its LoRA factors
+        decomposed as given, at ``energy=1`` (its whole rank) unless a rule is named.
         """
         from . import push
 
@@ -199,23 +203,25 @@ class Registry:
         ref: str | Ref,
         output: str | os.PathLike | None = None,
         *,
-        format: str = "kohya",
-        with_dense: bool = False,
+        format: str | None = None,
+        factors_only: bool = False,
         dtype: str = "fp16",
         overwrite: bool = True,
         progress: Progress | None = None,
     ) -> LoraExport:
         """Write a revision's stored factors as a LoRA file (no full checkpoint is rebuilt).
 
-        Each low-rank entry becomes a LoRA module of its stored rank with scale 1. Changes that a
-        LoRA cannot carry are returned in ``left_out`` and listed in the file's metadata; with
-        ``with_dense`` 2-D dense and sparse deltas go in as exact full-rank modules, and in peft
-        format bias deltas as ``lora_B.bias``.
+        Each low-rank entry becomes a LoRA module of its stored rank with scale 1; 2-D deltas stored
+        dense, sparse or exact go in as exact full-rank modules, and in peft format bias deltas as
+        ``lora_B.bias``, so that the file differs from the checkout only by what no LoRA carries
+        (norms, embeddings, and in kohya format biases): those are returned in ``left_out`` and
+        listed in the file's metadata. ``factors_only`` writes the low-rank entries alone.
+        ``format``: ``kohya`` or ``peft``; by default an adapter subject's own kind, else kohya.
         """
         from . import export
 
         return export.export_lora(
-            self, ref, output, format=format, with_dense=with_dense, dtype=dtype, overwrite=overwrite, progress=progress
+            self, ref, output, format=format, factors_only=factors_only, dtype=dtype, overwrite=overwrite, progress=progress
         )
 
     # ------------------------------------------------------------ queries

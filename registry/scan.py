@@ -73,7 +73,7 @@ class Scan:
                 for i, spec in enumerate(self.specs):
                     if self._stop.is_set():
                         return
-                    digest = self._check(spec, self._ckpt.get(spec.key, scratch))
+                    digest = self._ckpt.known_digests.get(spec.key) or self._check(spec, self._ckpt.get(spec.key, scratch))
                     with self._changed:
                         self._digests[spec.key] = digest
                         self._changed.notify_all()

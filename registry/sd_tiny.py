@@ -54,20 +54,24 @@ def unet_inputs(seed: int = 5):
 
 def train(
     pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool = False, matrices_only: bool = False, seed: int = 1,
+    adapters: bool = False, lr: float = 2e-3,
 ) -> None:
     """Adam steps of a denoising loss through the text encoder and UNet, DreamBooth-style.
 
     ``matrices_only`` trains only weights that a LoRA can carry (conv and linear kernels, not the
-    token table, norms or biases); ``text_encoder`` trains the text encoder too; ``seed`` makes
-    the data, so that another seed trains another subject.
+    token table, norms or biases); ``text_encoder`` trains the text encoder too; ``adapters``
+    trains only parameters with ``lora_`` in their names (adapters injected by peft or another
+    tool); ``seed`` makes the data, so that another seed trains another subject.
     """
     def trainable(name: str, p: torch.Tensor) -> bool:
+        if adapters:
+            return "lora_" in name
         return p.dim() >= 2 and "embedding" not in name if matrices_only else True
 
     params = [p for n, p in pipe.unet.named_parameters() if trainable(n, p)]
     if text_encoder:
         params += [p for n, p in pipe.text_encoder.named_parameters() if trainable(n, p)]
-    opt = torch.optim.Adam(params, lr=2e-3)
+    opt = torch.optim.Adam(params, lr=lr)
     # A copy: a fast tokenizer that has padded or truncated saves those settings in tokenizer.json.
     ids = copy.deepcopy(pipe.tokenizer)(["a photo of sks dog"] * 2, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(seed)

@@ -233,3 +233,48 @@ def worker_pool(processes: int):
 def _adopt_environment(env: dict) -> None:
     os.environ.clear()
     os.environ.update(env)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    peft: Path  # diffusers' save_lora_weights of a peft LoRA trained on the UNet and text encoder
+    peft_outputs: tuple  # sd_tiny.outputs of the trained model, adapters active
+    locon: Path  # lycoris-lora's extract_diff of pipelines.ft_unet (LoCon, Tucker convs, alphas)
+    locon_outputs: tuple  # sd_tiny.outputs of the base with the LoCon merged by lycoris itself
+
+
+@pytest.fixture(scope="session")
+def adapter_files(pipelines, tmp_path_factory) -> AdapterFiles:
+    """Adapter files written by the real tools, and what those tools make of them."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from lycoris.utils import extract_diff, merge
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from dsreg import sd_tiny
+
+    d = tmp_path_factory.mktemp("adapters")
+    load = lambda p: StableDiffusionPipeline.from_pretrained(p, safety_checker=None, requires_safety_checker=False)  # noqa: E731
+
+    # DreamBooth-LoRA as diffusers' training script does it: peft adapters on the UNet (attention,
+    # proj_in and the resnets' convs) and the text encoder, Adam steps, save_lora_weights.
+    pipe = load(pipelines.base)
+    unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0", "proj_in", "conv1", "conv2"])
+    text_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    pipe.unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, pipe.text_encoder)  # transformers' add_adapter wants a newer peft
+    sd_tiny.train(pipe, steps=6, text_encoder=True, adapters=True, lr=1e-2)
+    StableDiffusionPipeline.save_lora_weights(
+        d / "peft",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+    peft_outputs = sd_tiny.outputs(pipe)
+
+    base, ft = load(pipelines.base), load(pipelines.ft_unet)
+    locon = extract_diff([base.text_encoder], [ft.text_encoder], base.unet, ft.unet, mode="fixed", linear_mode_param=4, conv_mode_param=4)
+    save_file(locon, d / "locon.safetensors")
+    merge([base.text_encoder], base.unet, dict(locon))
+    return AdapterFiles(d / "peft" / "pytorch_lora_weights.safetensors", peft_outputs, d / "locon.safetensors", sd_tiny.outputs(base))

@@ -270,12 +270,13 @@ def test_export_lora(run, models, tmp_path):
     assert "down.norm1.weight" in left_out and f"left out {len(left_out)} " in result.stderr
     lora = load_file(tmp_path / "dog.safetensors")
     assert "lora_unet_down_conv1.lora_down.weight" in lora and "lora_unet_down_conv1.lora_up.weight" in lora
-    info = json.loads(run("export-lora", "dog@1", "-o", tmp_path / "peft.safetensors", "--format", "peft", "--with-dense", "--json").stdout)
+    info = json.loads(run("export-lora", "dog@1", "-o", tmp_path / "peft.safetensors", "--format", "peft", "--json").stdout)
     assert info["format"] == "peft" and info["n_modules"] > 0 and 0 < len(info["left_out"]) < len(left_out)
     assert "unet.down.conv1.lora_B.bias" in load_file(tmp_path / "peft.safetensors")
     # Errors: one line, an exit code, and no file.
     run("push", models.ft, "-s", "exact", "--exact")
-    bad = run("export-lora", "exact", "-o", tmp_path / "x.safetensors", ok=False)
+    assert run("export-lora", "exact", "-o", tmp_path / "exact.safetensors").exit_code == 0  # full-rank modules
+    bad = run("export-lora", "exact", "-o", tmp_path / "x.safetensors", "--factors-only", ok=False)
     assert bad.exit_code == 2 and "no change that a LoRA can carry" in bad.output and not (tmp_path / "x.safetensors").exists()
     assert run("export-lora", "nobody", ok=False).exit_code == 3
 

@@ -65,17 +65,34 @@ def test_exported_lora_loaded_by_diffusers_matches_the_checkout(local, pipelines
         assert config["unet.lora_alpha"] == config["unet.r"] and config["unet.alpha_pattern"] == config["unet.rank_pattern"]
 
 
+def test_a_plain_export_carries_the_dense_deltas_too(local, pipelines, tmp_path):
+    """At tau 0.8 some layers are cheaper stored dense than factored: the export still carries them."""
+    local.add_base(pipelines.base, "sd-tiny")
+    local.push(pipelines.ft, "dog", energy=0.8)
+    assert any(t.kind == "dense" and t.key.endswith(".weight") for t in local.show("dog").tensors)
+    local.checkout("dog", tmp_path / "dog")
+    expected, untouched = sd_tiny.outputs(_load(tmp_path / "dog")), sd_tiny.outputs(_load(pipelines.base))
+    shares = {}
+    for name, factors_only in (("plain", False), ("factors", True)):
+        pipe = _load(pipelines.base)
+        pipe.load_lora_weights(str(local.export_lora("dog", tmp_path / f"{name}.safetensors", factors_only=factors_only).path))
+        # The UNet's output: how far the loaded LoRA leaves it from the checkout's, as a share of the fine-tune's effect.
+        got = sd_tiny.outputs(pipe)[0]
+        shares[name] = float(torch.linalg.vector_norm(got - expected[0]) / torch.linalg.vector_norm(expected[0] - untouched[0]))
+    assert shares["plain"] < 0.01 < 0.05 < shares["factors"], shares
+
+
 def test_full_finetune_lora_lists_what_it_cannot_carry(local, pipelines, tmp_path):
     local.add_base(pipelines.base, "sd-tiny")
     local.push(pipelines.ft_unet, "dog")
-    plain = local.export_lora("dog", tmp_path / "plain.safetensors")
+    plain = local.export_lora("dog", tmp_path / "plain.safetensors", factors_only=True)
     # Norm scales and biases changed too: 1-D, no LoRA module carries them; they are listed.
     assert plain.left_out and all(k.startswith("unet/") for k in plain.left_out)
     assert any(k.endswith("norm1.weight") for k in plain.left_out) and any(k.endswith(".bias") for k in plain.left_out)
     with safe_open(plain.path, "pt") as f:
         assert json.loads(f.metadata()["dsreg.left_out"]) == list(plain.left_out)
-    # peft with --with-dense: bias deltas ride on lora_B.bias; only norm scales/shifts stay out.
-    dense = local.export_lora("dog", tmp_path / "dense.safetensors", format="peft", with_dense=True)
+    # peft by default: bias deltas ride on lora_B.bias; only norm scales/shifts stay out.
+    dense = local.export_lora("dog", tmp_path / "dense.safetensors", format="peft")
     assert set(dense.left_out) < set(plain.left_out)
     assert all("norm" in k for k in dense.left_out)
     lora = load_file(dense.path)

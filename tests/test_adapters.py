@@ -1,0 +1,267 @@
+"""Adapter files as subjects: LoRA from peft + diffusers, LoCon from lycoris-lora, and what they refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dsreg import BaseMismatch, CheckpointError, Registry, UsageError, sd_tiny
+from dsreg.deltasvd import FactoredSpectrum
+from dsreg.names import Ref
+
+
+@pytest.fixture
+def local(tmp_path, pipelines) -> Registry:
+    with Registry.open(home=tmp_path / "registry") as reg:
+        reg.add_base(pipelines.base, "sd-tiny")
+        yield reg
+
+
+def _load(path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
+
+
+def _effect(got, expected, untouched) -> list[float]:
+    """Each output's distance from the expected one, as a share of the adapter's effect on it."""
+    shares = []
+    for g, e, u in zip(got, expected, untouched):
+        effect = float(torch.linalg.vector_norm(e - u))
+        shares.append(float(torch.linalg.vector_norm(g - e)) / effect if effect else float(torch.linalg.vector_norm(g - e)))
+    return shares  # an output the adapter leaves alone (a UNet-only LoCon's text encoder): its distance itself
+
+
+def test_a_peft_lora_from_diffusers_is_a_subject(local, pipelines, adapter_files, tmp_path):
+    size = adapter_files.peft.stat().st_size
+    rev = local.push(adapter_files.peft, "dog")
+    assert rev.rank_rule == "energy=1"  # an adapter keeps its own rank unless a rule is given
+    assert rev.original_bytes == size and rev.stored_bytes <= size
+    detail = local.show(rev.ref)
+    lowrank = [t for t in detail.tensors if t.kind == "lowrank"]
+    assert len(lowrank) == 60 and all(t.rank <= 4 for t in lowrank)  # every LoRA module; none above its rank
+    assert {t.key.split("/")[0] for t in lowrank} == {"unet", "text_encoder"}
+
+    local.checkout("dog", tmp_path / "dog")
+    untouched = sd_tiny.outputs(_load(pipelines.base))
+    checked_out = sd_tiny.outputs(_load(tmp_path / "dog"))
+    for share in _effect(checked_out, adapter_files.peft_outputs, untouched):
+        assert share < 2e-3  # the trained model's outputs, within the fp16 factors' rounding
+
+    pipe = _load(pipelines.base)
+    with local.apply(pipe, "dog"):
+        applied = sd_tiny.outputs(pipe)
+    for a, c in zip(applied, checked_out):
+        assert torch.equal(a, c)
+
+    # export-lora gives a file of the source's kind that diffusers loads, and it pushes back as the same subject.
+    export = local.export_lora("dog", tmp_path / "dog-lora.safetensors")
+    assert export.format == "peft" and export.left_out == ()
+    pipe = _load(pipelines.base)
+    pipe.load_lora_weights(str(export.path))
+    for share in _effect(sd_tiny.outputs(pipe), checked_out, untouched):
+        assert share < 2e-3
+    again = local.push(export.path, "dog-again")
+    assert again.stored_bytes <= export.nbytes
+    local.checkout("dog-again", tmp_path / "again")
+    for share in _effect(sd_tiny.outputs(_load(tmp_path / "again")), checked_out, untouched):
+        assert share < 2e-3
+
+
+def test_a_lycoris_locon_is_a_subject(local, pipelines, adapter_files, tmp_path):
+    keys = load_file(adapter_files.locon).keys()
+    assert any(k.endswith(".lora_mid.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    rev = local.push(adapter_files.locon, "cat")
+    # Tucker convs are stored as plain factors, A (out x r) and B (r x in·kh·kw): for the 3x3 convs
+    # that is more than the file's lora_down and lora_mid (docs/adapters.md), so this LoCon is not
+    # within the file's bytes, as a LoRA without lora_mid is.
+    assert rev.stored_bytes <= 1.5 * adapter_files.locon.stat().st_size
+    local.checkout("cat", tmp_path / "cat")
+    untouched = sd_tiny.outputs(_load(pipelines.base))
+    for share in _effect(sd_tiny.outputs(_load(tmp_path / "cat")), adapter_files.locon_outputs, untouched):
+        assert share < 2e-3  # lycoris' own merge of its file, within fp16 rounding
+
+    export = local.export_lora("cat", tmp_path / "cat-lora.safetensors")
+    assert export.format == "kohya" and export.left_out == ("unet/conv_out.bias",)  # LyCORIS' diff_b: kohya LoRA has no biases
+    export = local.export_lora("cat", tmp_path / "cat-lora.safetensors", format="peft")  # lora_B.bias carries it
+    assert export.left_out == ()
+    pipe = _load(pipelines.base)
+    pipe.load_lora_weights(str(export.path))
+    checked_out = sd_tiny.outputs(_load(tmp_path / "cat"))
+    for share in _effect(sd_tiny.outputs(pipe), checked_out, untouched):
+        assert share < 2e-3
+
+
+def test_rank_rules_and_encodings_apply_to_adapters(local, adapter_files):
+    whole = local.push(adapter_files.peft, "dog")
+    half = local.push(adapter_files.peft, "dog", energy=0.5, encoding="int8")
+    assert half.stored_bytes < whole.stored_bytes / 2
+    budget = local.push(adapter_files.peft, "dog", budget=whole.stored_bytes // 3)
+    assert budget.stored_bytes <= whole.stored_bytes // 3
+    exact = local.push(adapter_files.peft, "dog", exact=True)  # the merged tensors, bit for bit
+    assert exact.stored_bytes > whole.stored_bytes
+
+
+def _variant(adapter_files, tmp_path, change) -> str:
+    tensors = load_file(adapter_files.locon)
+    with safe_open(adapter_files.locon, "pt") as f:
+        metadata = f.metadata()
+    change(tensors)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return str(path)
+
+
+def _first(tensors, suffix: str) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+def _reshape_up(t):
+    key = _first(t, "to_q.lora_up.weight")
+    t[key] = torch.zeros(t[key].shape[0] + 1, t[key].shape[1])
+
+
+def _rename(t):
+    key = _first(t, ".lora_up.weight")
+    t[key.replace("lora_unet_", "lora_unet_no_such_")] = t.pop(key)
+    t[key.replace("lora_unet_", "lora_unet_no_such_").replace("lora_up", "lora_down")] = t.pop(key.replace("lora_up", "lora_down"))
+
+
+def _nan(t):
+    key = _first(t, ".lora_down.weight")
+    t[key] = t[key].clone()
+    t[key].view(-1)[0] = float("nan")
+
+
+def _loha(t):
+    t["lora_unet_conv_in.hada_w1_a"] = torch.zeros(4, 2)
+
+
+def _alpha(t):
+    t[_first(t, ".alpha")] = torch.ones(2)
+
+
+def _one_factor(t):
+    del t[_first(t, "to_k.lora_up.weight")]
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (_reshape_up, BaseMismatch, "another base"),
+    (_rename, BaseMismatch, "match no module of the base"),
+    (_nan, CheckpointError, "NaN"),
+    (_loha, UsageError, "LoHa"),
+    (_alpha, UsageError, "alpha has 2 values"),
+    (_one_factor, UsageError, "only one of its two LoRA factors"),
+])
+def test_bad_adapters_are_refused_and_store_nothing(local, adapter_files, tmp_path, change, error, words):
+    path = _variant(adapter_files, tmp_path, change)
+    objects = sorted(p.name for p in (tmp_path / "registry").rglob("*") if p.is_file() and "objects" in p.parts)
+    with pytest.raises(error, match=words):
+        local.push(path, "bad")
+    assert local.subjects() == []
+    assert sorted(p.name for p in (tmp_path / "registry").rglob("*") if p.is_file() and "objects" in p.parts) == objects
+
+
+def test_rank_in_metadata_must_match_the_tensors(local, adapter_files, tmp_path):
+    tensors = load_file(adapter_files.peft)
+    with safe_open(adapter_files.peft, "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["unet.r"] = 8
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(UsageError, match="rank 4 in its tensors but r = 8"):
+        local.push(tmp_path / "bad.safetensors", "bad")
+
+
+def test_a_full_checkpoint_is_not_read_as_an_adapter(local, pipelines, adapter_files, tmp_path):
+    """A checkpoint in a file named like a LoRA is pushed as a checkpoint; a LoRA named .ckpt as a LoRA."""
+    unet = load_file(pipelines.ft_unet / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(unet, tmp_path / "my-lora.safetensors")
+    rev = local.push(tmp_path / "my-lora.safetensors", "unet-only")
+    assert "adapter" not in local.catalog.revision_layout(Ref(rev.subject, rev.number))
+    torch.save(load_file(adapter_files.locon), tmp_path / "model.ckpt")
+    rev = local.push(tmp_path / "model.ckpt", "locon")
+    assert local.catalog.revision_layout(Ref(rev.subject, rev.number))["adapter"]["format"] == "kohya"
+
+
+def test_factored_spectrum_is_the_products_svd():
+    g = torch.Generator().manual_seed(3)
+    up, down = torch.randn(40, 5, generator=g), torch.randn(5, 72, generator=g)
+    product = (up.double() @ down.double())
+    spectrum = FactoredSpectrum(up, down)
+    assert torch.allclose(spectrum.s, torch.linalg.svdvals(product)[:5], rtol=1e-10)
+    a, b = spectrum.factors(5)
+    assert torch.allclose(a.double() @ b.double(), product, atol=1e-4)
+    a3, b3 = spectrum.factors(3)
+    measured = float(torch.linalg.norm(product - a3.double() @ b3.double()) / torch.linalg.norm(product))
+    assert abs(spectrum.error_of(a3, b3) - measured) < 1e-6
+    assert spectrum.rank("energy", 1.0) == 5 and spectrum.rank("max-error", 0.0) == 5
+
+
+def _deft_finetune(base_sd: dict, rank: int, steps: int = 30) -> dict:
+    """DEFT's parametrization trained for real: each 2-D weight (conv kernels as out x in·kh·kw) is
+    W = (I − PPᵀ)W₀ + P·R with P (out x rank) and R (rank x in·kh·kw) trained by Adam, the rest frozen."""
+    from torch.func import functional_call
+
+    from dsreg.demo import TinyUNet, _batch, reproducible
+
+    torch.manual_seed(7)
+    model = TinyUNet(32)
+    model.load_state_dict(base_sd)
+    frozen = {k: v.clone() for k, v in base_sd.items()}
+    factors = {}
+    for key, w in frozen.items():
+        if w.dim() >= 2 and "embedding" not in key and w.shape[0] > rank:
+            w0 = w.reshape(w.shape[0], -1)
+            p = torch.linalg.qr(torch.randn(w0.shape[0], rank))[0].requires_grad_()
+            factors[key] = (p, (p.detach().T @ w0).clone().requires_grad_())  # R = PᵀW₀: W starts at W₀
+
+    def weights() -> dict:
+        out = dict(frozen)
+        for key, (p, r) in factors.items():
+            w0 = frozen[key].reshape(frozen[key].shape[0], -1)
+            out[key] = (w0 - p @ (p.T @ w0) + p @ r).reshape(frozen[key].shape)
+        return out
+
+    opt = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=2e-3)
+    gen = torch.Generator().manual_seed(11)
+    with reproducible():
+        for _ in range(steps):
+            x, t, toks, noise = _batch(gen, 16, subject=3)
+            loss = torch.nn.functional.mse_loss(functional_call(model, weights(), (x, t, toks)), noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return {k: v.detach().clone().contiguous() for k, v in weights().items()}, set(factors)
+
+
+def test_a_merged_deft_finetune_is_stored_at_its_rank_without_loss(tmp_path):
+    """DEFT's update P(R − PᵀW₀) has rank <= r: pushed as a full checkpoint it is stored at rank <= 2r,
+    and the rebuilt model computes what the DEFT model does."""
+    from dsreg.demo import functional_error, make_base, state_dict
+
+    rank = 4
+    base_sd = state_dict(make_base(32, steps=5))
+    ft_sd, trained = _deft_finetune(base_sd, rank)
+    save_file(base_sd, tmp_path / "base.safetensors")
+    save_file(ft_sd, tmp_path / "deft.safetensors")
+    with Registry.open(home=tmp_path / "registry") as reg:
+        reg.add_base(tmp_path / "base.safetensors", "tiny")
+        rev = reg.push(tmp_path / "deft.safetensors", "deft", max_error=1e-3, encoding="fp32")
+        stored = {t.key: t for t in reg.show(rev.ref).tensors}
+        reg.checkout("deft", tmp_path / "out.safetensors")
+    assert {k for k, t in stored.items() if t.kind != "base"} == trained
+    # Two attention projections get no gradient (one context token: a constant softmax); their
+    # "delta" is the fp32 rounding of W₀ − PPᵀW₀ + PPᵀW₀, full rank at 2e-8 of the weight.
+    moved = {k for k in trained if float((ft_sd[k] - base_sd[k]).norm() / base_sd[k].norm()) > 1e-6}
+    assert len(moved) >= len(trained) - 2
+    assert all(stored[k].kind == "lowrank" and stored[k].rank <= 2 * rank for k in moved)
+    assert functional_error(base_sd, ft_sd, load_file(tmp_path / "out.safetensors")) < 1e-3
