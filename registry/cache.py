@@ -144,8 +144,3 @@ class FactorCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0

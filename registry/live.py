@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import codec, deltas
+from . import codec, deltas, encodings
 from .bases import base_map, base_tensor, can_grow, component_tensors, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkout import CHECKOUT_LANES, _rebuild_into, entry_blob
@@ -72,9 +72,9 @@ def _revision(reg, ref: str | Ref) -> _Revision:
 def _float_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "half": "float16", "float": "float32"}
+    names = {**encodings.FLOAT_ENCODINGS, "half": torch.float16, "float": torch.float32}
     try:
-        return codec.DTYPES[names.get(dtype, dtype)]
+        return names[dtype] if dtype in names else codec.DTYPES[dtype]
     except KeyError:
         raise UsageError(f"unknown dtype {dtype!r}; use fp16, bf16, fp32 or a torch.dtype") from None
 
@@ -248,7 +248,8 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
     if not rev.pipeline:
         component = rev.component
         if component is None:  # a single model: the pipeline's module whose keys it has
-            fits = [c for c, m in modules.items() if isinstance(m, torch.nn.Module) and _by_component(rev, None).keys() <= m.state_dict().keys()]
+            wanted = {e.key for e in rev.entries}
+            fits = [c for c, m in modules.items() if isinstance(m, torch.nn.Module) and wanted <= m.state_dict().keys()]
             if not fits:
                 raise BaseMismatch(f"no module of the pipeline has the keys of {rev.ref}; apply it to the module it was trained from")
             component = fits[0]
@@ -287,12 +288,11 @@ def _component_for(module: torch.nn.Module, rev: _Revision) -> tuple[str, dict[s
     if not rev.pipeline:
         return "", _by_component(rev, None)
     keys = module.state_dict().keys()
-    components = sorted({e.key.split("/", 1)[0] for e in rev.entries if "/" in e.key})
-    scored = sorted(components, key=lambda c: -len(_by_component(rev, c).keys() & keys))
-    best = scored[0] if scored else None
-    if best is None or not _by_component(rev, best).keys() & keys:
-        raise BaseMismatch(f"{type(module).__name__} has none of the keys of {rev.ref} ({', '.join(components)}); apply it to one of these modules, or to the pipeline")
-    return best, _by_component(rev, best)
+    parts = {c: _by_component(rev, c) for c in sorted({e.key.split("/", 1)[0] for e in rev.entries if "/" in e.key})}
+    best = max(parts, key=lambda c: len(parts[c].keys() & keys), default=None)
+    if best is None or not parts[best].keys() & keys:
+        raise BaseMismatch(f"{type(module).__name__} has none of the keys of {rev.ref} ({', '.join(parts)}); apply it to one of these modules, or to the pipeline")
+    return best, parts[best]
 
 
 def _check_fit(rev: _Revision, where: str, state: dict[str, torch.Tensor], entries: dict[str, StoredEntry]) -> None:
