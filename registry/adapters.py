@@ -39,6 +39,7 @@ from .bases import base_tensor
 from .catalog import BaseTensor
 from .checkpoint import Checkpoint, Layout, TensorSpec, open_checkpoint
 from .deltasvd import FactoredSpectrum
+from .encodings import fold_tucker
 from .errors import AmbiguousBase, BaseMismatch, NonFiniteWeights, UsageError
 from .lora import module_of
 
@@ -71,13 +72,15 @@ class LowRankUpdate:
     up: torch.Tensor
     down: torch.Tensor
     scale: float
+    tucker: tuple[torch.Tensor, torch.Tensor] | None = None  # LyCORIS' (lora_mid, lora_down as r x in), which fold into ``down``
     factored: ClassVar[bool] = True
 
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
         return (self.up.float() @ self.down.float()).mul_(self.scale).reshape(shape)
 
     def spectrum(self, device) -> FactoredSpectrum:
-        return FactoredSpectrum(self.up.to(device) * self.scale, self.down.to(device))
+        basis = None if self.tucker is None else {"b.mid": self.tucker[0], "b.down": self.tucker[1]}
+        return FactoredSpectrum(self.up.to(device) * self.scale, self.down.to(device), basis)
 
 
 @dataclass(frozen=True)
@@ -221,9 +224,9 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
         scale = None
         if "down" in parts or "up" in parts:
             weight = f"{prefix}.weight"
-            up, down = _factors(module, parts, base.get(weight))
+            up, down, tucker = _factors(module, parts, base.get(weight))
             scale = _scale(adapter, module, parts, down.shape[0])
-            put(weight, LowRankUpdate(up, down, scale), module)
+            put(weight, LowRankUpdate(up, down, scale, tucker), module)
         elif "mid" in parts:
             raise UsageError(f"adapter module {module} has lora_mid without lora_down and lora_up")
         for part, suffix in (("weight", ".weight"), ("bias", ".bias")):
@@ -245,8 +248,9 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
     return out
 
 
-def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) as matrices of the base weight's out x in·kh·kw form."""
+def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | None):
+    """(up, down, tucker): up and down as matrices of the base weight's out x in·kh·kw form, and a
+    Tucker conv's (lora_mid, lora_down) that fold into that down, else None."""
     if "up" not in parts or "down" not in parts:
         raise UsageError(f"adapter module {module} has only one of its two LoRA factors")
     if weight is None:
@@ -256,11 +260,13 @@ def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | N
     if up.dim() < 2 or up.shape[1] != rank or up[0].numel() != rank:
         raise UsageError(f"adapter module {module}: lora_up {list(up.shape)} and lora_down {list(down.shape)} disagree on the rank")
     up = up.reshape(up.shape[0], rank)
+    tucker = None
     if "mid" in parts:  # LyCORIS' Tucker conv: ΔW[p,q,k,l] = Σ up[p,i] · mid[i,j,k,l] · down[j,q]
         mid = parts["mid"].float()
         if mid.dim() != 4 or mid.shape[:2] != (rank, rank) or down[0].numel() != down.shape[1]:
             raise UsageError(f"adapter module {module}: lora_mid {list(mid.shape)} does not fit rank {rank} and lora_down {list(down.shape)}")
-        down = torch.einsum("ijkl,jq->iqkl", mid, down.reshape(rank, -1))
+        tucker = (mid, down.reshape(rank, -1))
+        down = fold_tucker(*tucker)
     down = down.reshape(rank, -1)
     out, inner = weight.shape[0], _numel(weight.shape[1:])
     if up.shape[0] != out or down.shape[1] != inner:
@@ -268,7 +274,7 @@ def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | N
             f"adapter module {module} is a LoRA of {up.shape[0]} x {down.shape[1]}; the base's {weight.key!r} "
             f"is {list(weight.shape)}: this adapter was made for another base"
         )
-    return up, down
+    return up, down, tucker
 
 
 def _scale(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], rank: int) -> float:

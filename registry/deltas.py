@@ -227,6 +227,14 @@ def _lowrank(spectrum: deltasvd.Spectrum | deltasvd.FactoredSpectrum, t: int, en
     """``measured``: the stored error from the residual itself, where a bound rests on it; else from the spectrum."""
     a, b = spectrum.factors(t)
     tensors = encodings.encode_factors(a, b, spectrum.s, encoding, wide)
+    if spectrum.basis is not None:  # coefficients over a compact basis, where that takes fewer bytes
+        dtype = encodings.dense_dtype(encoding)
+        over = {
+            **encodings.encode_factors(a, spectrum.coefficients(t), spectrum.s, encoding, wide),
+            **{k: v.to(dtype).contiguous() for k, v in spectrum.basis.items()},
+        }
+        if blob_bound_of(over) < blob_bound_of(tensors):
+            tensors = over
     if measured:
         del a, b  # in fp32, as large as the decoded factors below: not both at once
     qa, qb = (x.to(spectrum.device) for x in encodings.decode_factors(tensors))

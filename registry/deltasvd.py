@@ -96,6 +96,8 @@ class Spectrum:
     without decomposing again (max-error mode needs that once quantization adds its share).
     """
 
+    basis = None  # a delta given whole has no compact basis for its factors (see FactoredSpectrum)
+
     def __init__(self, delta: torch.Tensor, method: str = "gram"):
         if delta.dim() < 2:
             raise ValueError("Delta-SVD needs a tensor of 2 or more dims; store 1-D deltas dense")
@@ -214,7 +216,12 @@ class FactoredSpectrum:
     at most r singular values: no rank rule can keep more than the adapter's own rank.
     """
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+    basis: dict[str, torch.Tensor] | None = None
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, basis: dict[str, torch.Tensor] | None = None):
+        """``basis``: ``down`` in a compact form (a Tucker conv's ``b.mid`` and ``b.down``, see
+        :mod:`encodings`), so that factors can be stored as coefficients over it."""
+        self.basis = basis
         up, down = up.double(), down.double()
         self.full_rank = up.shape[1]  # the product's rank is at most the factors' inner dimension
         q1, r1 = torch.linalg.qr(up)
@@ -225,6 +232,7 @@ class FactoredSpectrum:
         s = torch.where(s > max(up.shape[0], down.shape[1]) * torch.finfo(torch.float64).eps * s[:1], s, 0.0)
         self.s = self.s_low = self.s_high = s
         self._u, self._v = q1 @ u, q2 @ vh.T  # (out, r) and (in, r), orthonormal columns, fp64
+        self._vh, self._r2 = vh, r2
         self.method = "factored"
 
     @property
@@ -236,6 +244,12 @@ class FactoredSpectrum:
 
     def factors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self._u[:, :t] * self.s[:t]).float(), self._v[:, :t].T.float().contiguous()
+
+    def coefficients(self, t: int) -> torch.Tensor:
+        """C (t x r) with C · down = B of ``factors(t)``: Vᵀ = vhᵀ-rows · Q₂ᵀ and down = R₂ᵀQ₂ᵀ, so
+        C = vh[:t] · (R₂ᵀ)⁺; the pseudo-inverse, because a kept direction (σ > 0) lies in R₂'s range
+        even where down has a lower rank than r."""
+        return (self._vh[:t] @ torch.linalg.pinv(self._r2.T)).float()
 
     def stored_error(self, a: torch.Tensor, b: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor) -> float:
         return self.error_of(qa, qb)

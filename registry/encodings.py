@@ -8,6 +8,11 @@ A blob says its own encoding through its tensor names, so a reader needs nothing
 - ``mixed``: the leading directions as in ``int8``; the tail in 4 bits, ``a.q4`` / ``b.q4`` (two
   values per byte, low nibble first, each value + 8 in 1..15) with scales ``a.s4`` / ``b.s4``.
 
+Any of these may carry a Tucker basis (a LyCORIS conv LoRA's ``lora_mid`` and ``lora_down``):
+``b.mid`` (r × r × kh × kw) and ``b.down`` (r × in) in a float dtype. The stored B is then a t × r
+coefficient matrix C, and the factor is C · fold(mid, down), fold(mid, down)[i, q·kh·kw + k·kw + l]
+= Σⱼ mid[i, j, k, l] · down[j, q]: for a 3×3 conv that is about a ninth of B's bytes.
+
 Quantizing per direction matches the factors' structure: A = U_tΣ_t has columns of very different
 size (the singular values), while each row of B = V_tᵀ has unit norm.
 """
@@ -79,7 +84,21 @@ def encode_factors(
 
 
 def decode_factors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`encode_factors`: fp32 (a, b). Raises ValueError on a blob of no known layout."""
+    """Inverse of :func:`encode_factors` (and of a Tucker basis beside it): fp32 (a, b). Raises
+    ValueError on a blob of no known layout."""
+    a, b = _decode(tensors)
+    if "b.mid" in tensors:
+        b = b @ fold_tucker(tensors["b.mid"], tensors["b.down"])
+    return a, b
+
+
+def fold_tucker(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A Tucker conv's lora_mid (r × r × kh × kw) and lora_down (r × in) as one r × in·kh·kw factor."""
+    rank = mid.shape[0]
+    return torch.einsum("ijkl,jq->iqkl", mid.float(), down.float().reshape(down.shape[0], -1)).reshape(rank, -1)
+
+
+def _decode(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if "a" in tensors and "b" in tensors:
         return tensors["a"].float(), tensors["b"].float()
     if "a.q8" not in tensors:

@@ -260,6 +260,7 @@ def adapter_files(pipelines, tmp_path_factory) -> AdapterFiles:
     # DreamBooth-LoRA as diffusers' training script does it: peft adapters on the UNet (attention,
     # proj_in and the resnets' convs) and the text encoder, Adam steps, save_lora_weights.
     pipe = load(pipelines.base)
+    torch.manual_seed(0)  # peft's gaussian init of lora_A
     unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0", "proj_in", "conv1", "conv2"])
     text_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     pipe.unet.add_adapter(unet_config)
