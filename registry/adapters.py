@@ -29,14 +29,15 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
 
+from . import codec, spectral
 from .bases import base_tensor
-from .catalog import BaseTensor
+from .catalog import BaseTensor, BlobRecord, Derived
 from .checkpoint import Checkpoint, Layout, TensorSpec, open_checkpoint
 from .deltasvd import FactoredSpectrum
 from .encodings import fold_tucker
@@ -45,6 +46,9 @@ from .lora import module_of
 
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
+SVDIFF = "svdiff"
+# SVDiff's files, as svdiff-pytorch's training script writes them: the UNet's shifts and the text encoder's.
+SVDIFF_FILES = {"spectral_shifts.safetensors": "unet.", "spectral_shifts_te.safetensors": "text_encoder."}
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_PARTS = {
@@ -78,6 +82,9 @@ class LowRankUpdate:
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
         return (self.up.float() @ self.down.float()).mul_(self.scale).reshape(shape)
 
+    def stored(self) -> None:
+        return None
+
     def spectrum(self, device) -> FactoredSpectrum:
         basis = None if self.tucker is None else {"b.mid": self.tucker[0], "b.down": self.tucker[1]}
         return FactoredSpectrum(self.up.to(device) * self.scale, self.down.to(device), basis)
@@ -95,6 +102,29 @@ class DenseUpdate:
 
     def spectrum(self, device) -> FactoredSpectrum:
         raise TypeError("a dense update has no factors")
+
+    def stored(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class SpectralUpdate:
+    """SVDiff's shift δ of a base weight's singular values, bound to that weight's stored SVD and to
+    the one blob that holds every shift of the subject."""
+
+    shift: torch.Tensor
+    svd: dict[str, torch.Tensor] | None = None
+    blob: dict[str, torch.Tensor] | None = None  # spectral.pack of the subject's shifts
+    factored: ClassVar[bool] = False
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return spectral.change(shape, self.svd, self.shift)
+
+    def spectrum(self, device) -> FactoredSpectrum:
+        raise TypeError("spectral shifts have no factors")
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return self.blob
 
 
 @dataclass(frozen=True)
@@ -116,7 +146,7 @@ def looks_like_adapter(keys: list[str]) -> bool:
 
 
 def _adapter_key(key: str) -> bool:
-    if key.startswith(_KOHYA_PREFIXES):
+    if key.startswith(_KOHYA_PREFIXES) or key.endswith(".delta"):  # .delta: SVDiff's shift of a module's singular values
         return True
     return "lora" in key and not key.startswith(("model.", "first_stage_model.", "cond_stage_model."))
 
@@ -124,11 +154,15 @@ def _adapter_key(key: str) -> bool:
 def read(ckpt: Checkpoint) -> Adapter:
     """Parse an opened adapter file; refuses what it cannot read in full, naming it."""
     keys = [s.key for s in ckpt.specs]
-    fmt = KOHYA if any(k.startswith(_KOHYA_PREFIXES) for k in keys) else DIFFUSERS
+    if all(k.endswith(".delta") for k in keys):
+        # SVDiff names modules inside their model; which model, its file's name says.
+        fmt, model = SVDIFF, "text_encoder." if "_te" in ckpt.path.stem else "unet."
+    else:
+        fmt, model = (KOHYA if any(k.startswith(_KOHYA_PREFIXES) for k in keys) else DIFFUSERS), ""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key in keys:
-        found = _split(key, fmt)
+        found = (model + key[: -len(".delta")], "shift") if fmt == SVDIFF else _split(key, fmt)
         if found is None:
             unknown.append(key)
             continue
@@ -238,6 +272,17 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
                         f"the base's {key!r} {list(base[key].shape)}"
                     )
                 put(key, DenseUpdate(parts[part].float()), module)
+        if "shift" in parts:
+            key = f"{prefix}.weight"
+            if key not in base:
+                raise BaseMismatch(f"SVDiff module {module} shifts {key!r}, which the base does not have")
+            shift, rank = parts["shift"], min(spectral.as_matrix(torch.empty(base[key].shape, device="meta")).shape)
+            if shift.dim() != 1 or shift.numel() > rank:
+                raise UsageError(
+                    f"SVDiff module {module} has a shift of shape {list(shift.shape)}; the base's {key!r} "
+                    f"{list(base[key].shape)} has {rank} singular values"
+                )
+            put(key, SpectralUpdate(shift.float()), module)
         if "up_bias" in parts:  # peft's lora_bias: the bias moves by scale · lora_B.bias
             key = f"{prefix}.bias"
             if key in base and base[key].shape != tuple(parts["up_bias"].shape):
@@ -330,9 +375,33 @@ class MergedCheckpoint(Checkpoint):
         super().__init__(adapter.path, specs, layout, self._tensor)
         self.adapter = adapter
         self.merged_onto = base_name
-        self.updates = changes
-        self.known_digests = {k: t.tensor_digest for k, t in base.items() if k not in changes}
         self._reg, self._base = reg, base
+        self.derived_new: list[tuple[Derived, bytes]] = []  # base SVDs this push computed: uploaded with it
+        self.updates = self._with_svds(changes)
+        self.known_digests = {k: t.tensor_digest for k, t in base.items() if k not in changes}
+
+    def _with_svds(self, changes: dict) -> dict:
+        """Spectral shifts bound to their base tensors' SVDs: the stored ones, else computed now."""
+        wanted = {k: self._base[k].tensor_digest for k, u in changes.items() if isinstance(u, SpectralUpdate)}
+        if not wanted:
+            return changes
+        known = self._reg.catalog.derived(list(wanted.values()), spectral.SVD)
+        done: dict[str, tuple[dict, BlobRecord]] = {}
+        svds: dict[str, tuple[dict, BlobRecord]] = {}
+        for key, tensor in wanted.items():
+            if tensor not in done:
+                blob = known.get(tensor)
+                if blob is not None:
+                    svd = codec.decode(self._reg.store.get(blob.digest), blob.raw_size, f"SVD of base tensor {key!r}")
+                else:
+                    svd = spectral.decompose(base_tensor(self._reg, self._base[key]))
+                    data, raw, digest = spectral.encode(svd)
+                    blob = BlobRecord(digest, len(data), raw)
+                    self.derived_new.append((Derived(tensor, spectral.SVD, blob), data))
+                done[tensor] = (svd, blob)
+            svds[key] = done[tensor]
+        shifts = spectral.pack({k: (changes[k].shift, blob.digest, blob.raw_size) for k, (_, blob) in svds.items()})
+        return {**changes, **{k: replace(changes[k], svd=svd, blob=shifts) for k, (svd, _) in svds.items()}}
 
     @property
     def nbytes(self) -> int:
@@ -355,13 +424,32 @@ class MergedCheckpoint(Checkpoint):
 def open_input(reg, path, base: str | None = None) -> Iterator[Checkpoint]:
     """What a push reads at ``path``: a checkpoint as it is, or an adapter merged onto its base
     (``base``, else the one registered base it fits)."""
-    with open_checkpoint(path) as ckpt:
-        if not looks_like_adapter([s.key for s in ckpt.specs]):
-            yield ckpt
-            return
-        adapter = read(ckpt)
+    folder = Path(path)
+    if folder.is_dir() and any((folder / f).is_file() for f in SVDIFF_FILES):
+        adapter = _read_svdiff_folder(folder)
+    else:
+        with open_checkpoint(path) as ckpt:
+            if not looks_like_adapter([s.key for s in ckpt.specs]):
+                yield ckpt
+                return
+            adapter = read(ckpt)
     name, tensors, changes = _fit(reg, adapter, base)
     yield MergedCheckpoint(reg, adapter, name, tensors, changes)
+
+
+def _read_svdiff_folder(folder: Path) -> Adapter:
+    """An SVDiff output folder: the UNet's and the text encoder's shift files, as one subject."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    size = 0
+    for name in SVDIFF_FILES:
+        if (folder / name).is_file():
+            with open_checkpoint(folder / name) as ckpt:
+                part = read(ckpt)
+            if part.format != SVDIFF:
+                raise UsageError(f"{folder / name} holds keys other than SVDiff's <module>.delta; nothing was stored")
+            modules.update(part.modules)
+            size += part.nbytes
+    return Adapter(folder, SVDIFF, modules, {}, size)
 
 
 def _fit(reg, adapter: Adapter, name: str | None):

@@ -28,7 +28,7 @@ from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreErr
 from .names import AUTO_PREFIX, Ref, auto_number
 from .records import BaseInfo, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
 from .tables import (
-    WRITE_LOCK, BaseRow, BaseTensorRow, BlobRow, EntryRow, LeaseBlobRow, LeaseRow, PolicyRow, RevisionRow, SubjectRow, TagRow,
+    WRITE_LOCK, BaseRow, BaseTensorRow, BlobRow, DerivedRow, EntryRow, LeaseBlobRow, LeaseRow, PolicyRow, RevisionRow, SubjectRow, TagRow,
     utcnow,
 )
 
@@ -69,6 +69,15 @@ class NewEntry:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A blob computed from a base tensor (docs/format.md, ``derived``)."""
+
+    tensor_digest: str
+    kind: str
+    blob: BlobRecord
+
+
+@dataclass(frozen=True)
 class NewRevision:
     subject: str | None
     base_id: int
@@ -80,6 +89,7 @@ class NewRevision:
     source_format: str
     layout: dict
     entries: tuple[NewEntry, ...]
+    derived: tuple[Derived, ...] = ()  # computed by this push from its base, shared with later ones
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,7 @@ class Catalog:
         for chunk in _chunks(sorted(set(digests)), 500):
             referenced.update(s.scalars(sa.select(BaseTensorRow.blob_digest).where(BaseTensorRow.blob_digest.in_(chunk))))
             referenced.update(s.scalars(sa.select(EntryRow.blob_digest).where(EntryRow.blob_digest.in_(chunk))))
+            referenced.update(s.scalars(sa.select(DerivedRow.blob_digest).where(DerivedRow.blob_digest.in_(chunk))))
             leased.update(
                 s.scalars(
                     sa.select(LeaseBlobRow.digest)
@@ -301,6 +312,7 @@ class Catalog:
                     BlobRow.created_at < before,
                     ~sa.exists().where(BaseTensorRow.blob_digest == BlobRow.digest),
                     ~sa.exists().where(EntryRow.blob_digest == BlobRow.digest),
+                    ~sa.exists().where(DerivedRow.blob_digest == BlobRow.digest),
                 )
             )
         )
@@ -320,7 +332,22 @@ class Catalog:
                 .where(EntryRow.blob_digest.is_not(None))
             ):
                 refs.setdefault(digest, f"{name}@{number}")
+            for digest, kind, tensor in s.execute(sa.select(DerivedRow.blob_digest, DerivedRow.kind, DerivedRow.tensor_digest)):
+                refs.setdefault(digest, f"{kind} of base tensor {tensor[:12]}")
         return refs
+
+    def derived(self, tensor_digests: Sequence[str], kind: str) -> dict[str, BlobRecord]:
+        """The ``kind`` blobs already derived from these base tensors, by tensor digest."""
+        found: dict[str, BlobRecord] = {}
+        with self.session() as s:
+            for chunk in _chunks(sorted(set(tensor_digests)), 500):
+                rows = s.execute(
+                    sa.select(DerivedRow.tensor_digest, BlobRow)
+                    .join(BlobRow, BlobRow.digest == DerivedRow.blob_digest)
+                    .where(DerivedRow.kind == kind, DerivedRow.tensor_digest.in_(chunk))
+                )
+                found.update({t: BlobRecord(b.digest, b.size, b.raw_size) for t, b in rows})
+        return found
 
     def blob_sizes(self) -> dict[str, int]:
         with self.session() as s:
@@ -403,6 +430,8 @@ class Catalog:
             if writer is not None:
                 raise Conflict(f"base {name!r} is in use by a write in progress ({writer}); try again when it has finished")
             s.execute(sa.delete(BaseTensorRow).where(BaseTensorRow.base_id == row.id))
+            # What was derived from tensors that no base holds any more goes with them (gc takes the blobs).
+            s.execute(sa.delete(DerivedRow).where(~sa.exists().where(BaseTensorRow.tensor_digest == DerivedRow.tensor_digest)))
             s.delete(row)
             return self._base_info(row)
 
@@ -461,7 +490,11 @@ class Catalog:
         with self.session(lock="shared") as s:
             if lease_id:
                 self._live_lease(s, lease_id)
-            self._ensure_blobs(s, blobs)
+            self._ensure_blobs(s, blobs + [d.blob for d in new.derived])
+            _insert_ignore(
+                s, DerivedRow, [{"tensor_digest": d.tensor_digest, "kind": d.kind, "blob_digest": d.blob.digest} for d in new.derived],
+                ["tensor_digest", "kind"],
+            )
             subject = self._subject_for_push(s, new.subject)
             s.execute(
                 sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(counter=SubjectRow.counter + 1, latest=SubjectRow.counter + 1)

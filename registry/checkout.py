@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from . import codec, deltas
+from . import codec, deltas, spectral
 from .bases import base_map, base_tensor, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Layout, TensorSpec, fill_safetensors, write_atomically, write_checkpoint
@@ -101,8 +101,12 @@ def _rebuild_into(reg, entry: StoredEntry, base: dict[str, BaseTensor], out: tor
 
 
 def entry_blob(reg, entry: StoredEntry) -> dict[str, torch.Tensor] | None:
-    """An entry's own blob (factors, delta, rows, ...), decoded; None for an entry without one."""
-    return codec.decode(reg.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}") if entry.blob else None
+    """An entry's own blob (factors, delta, rows, ...), decoded, with the base SVD a spectral entry
+    names; None for an entry without one."""
+    if not entry.blob:
+        return None
+    stored = codec.decode(reg.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
+    return spectral.with_svd(reg, stored, entry.key) if entry.kind == "spectral" else stored
 
 
 def _rebuild(reg, entries: list[StoredEntry], base: dict[str, BaseTensor], device: torch.device, progress: Progress) -> Iterator[torch.Tensor]:

@@ -94,6 +94,7 @@ class Checkpoint:
     merged_onto: str | None = None
     updates: dict = {}
     known_digests: dict[str, str] = {}
+    derived_new: tuple = ()  # (catalog.Derived, blob) that the merge computed from the base: SVDiff's base SVDs
 
     def __init__(self, path: Path, specs: list[TensorSpec], layout: Layout, getter, closer=None, streamed=None):
         self.path = path

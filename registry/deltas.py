@@ -9,6 +9,7 @@ Kinds (``entries.kind``):
 - ``sparse``: the changed rows, bit for bit (an embedding table where a few tokens were trained).
 - ``exact``: the fine-tune's bits XOR the base's, split into byte planes, for lossless pushes.
 - ``dropped``: a change that budget mode chose not to keep (rebuilds as the base tensor).
+- ``spectral``: an SVDiff subject's shifts of the base weight's singular values (:mod:`spectral`).
 
 A tensor that gained rows over the base's (new tokens appended to an embedding) is stored as the
 change of the base's rows in any of these kinds, with the appended rows whole in the same blob
@@ -26,11 +27,11 @@ from typing import Protocol
 
 import torch
 
-from . import codec, deltasvd, encodings
+from . import codec, deltasvd, encodings, spectral
 from .ranking import Allocation, RankRule, blob_bound_of, dense_bound
 
 LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
-KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped"}
+KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped", "spectral"}
 # Columns of each row compared first when looking for a sparse-row delta.
 SPARSE_PROBE_COLUMNS = 16
 
@@ -59,6 +60,9 @@ class Update(Protocol):
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor: ...
 
     def spectrum(self, device) -> deltasvd.FactoredSpectrum: ...
+
+    def stored(self) -> dict[str, torch.Tensor] | None:
+        """The tensors the update is stored as, as it is (SVDiff's shifts), or None where a rank rule decides."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,9 @@ def compress(
     if rule.lossless:
         return _stored(min(filter(None, [sparse, _xor(ft, bt_same)]), key=lambda c: c.bound))
 
+    as_given = update.stored() if update is not None else None
+    if as_given is not None:  # no rank rule applies: a few values per layer already
+        return _stored(_Candidate("spectral", as_given, 0, 0.0))
     bound = rule.value if rule.mode == "max-error" else None
     if update is not None:
         delta = None if update.factored else update.delta(tuple(ft.shape)).to(device)
@@ -193,6 +200,10 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
         bits = _as_int(out).view(-1)
         planes = stored["xor"]  # (itemsize, n) bytes, little-endian order
         bits ^= planes.T.contiguous().view(bits.dtype).reshape(-1)
+    elif kind == "spectral":  # ``stored`` carries the base SVD (spectral.with_svd)
+        w = out.to(device=device, dtype=torch.float32)
+        w += spectral.change(tuple(w.shape), {k: stored[k].to(device) for k in ("u", "s", "vh")}, stored["shift"])
+        out.copy_(w)
     elif kind in ("dense", "lowrank"):
         # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
         in_place = out.dtype == torch.float32 and torch.device(device).type == "cpu"
@@ -210,6 +221,8 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
 
 def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram", update: Update | None = None) -> torch.Tensor | None:
     """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
+    if update is not None and update.stored() is not None:
+        return None  # stored at a fixed cost
     if update is not None and ft.dim() >= 2:
         if update.factored:
             return update.spectrum(ft.device).s

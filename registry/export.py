@@ -62,9 +62,9 @@ def export_lora(
         elif t is not None and dense and entry.kind == "sparse":
             base_rows = base_tensor(reg, base[entry.key], shape=entry.shape).reshape(entry.shape[0], -1)[stored["rows"]].float()
             out.add(t, *lora.rows_pair(stored["rows"], stored["values"].float() - base_rows, entry.shape))
-        elif t is not None and dense and entry.kind in ("dense", "exact"):
+        elif t is not None and dense and entry.kind in ("dense", "exact", "spectral"):
             out.add(t, *lora.full_rank_pair(_entry_delta(reg, entry, base, stored), entry.shape))
-        elif bias is not None and entry.kind in ("dense", "exact", "sparse"):
+        elif bias is not None and entry.kind in ("dense", "exact", "sparse", "spectral"):
             biases.append((entry, bias, stored))  # after the weights: a bias rides on its layer's module
         else:
             left_out.append(entry.key)

@@ -98,12 +98,15 @@ def push(
             # What the push reads is claimed like what it writes: gc keeps it, and `base rm` waits.
             lease.claim(sorted({t.blob for t in base_tensors.values()}))
             entries = _compress(reg, ckpt, scan, base_tensors, lease, opts, progress)
+            for derived, data in whole.derived_new:  # base SVDs an SVDiff push computed
+                lease.claim([derived.blob.digest])
+                reg.store.put(data, derived.blob.digest)
             scanned = scan.result()
             new = NewRevision(
                 subject=subject, base_id=reg.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
                 rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
                 source_format=ckpt.layout.format, layout=layout,
-                entries=tuple(entries),
+                entries=tuple(entries), derived=tuple(d for d, _ in whole.derived_new),
             )
             return reg.catalog.commit_revision(new, lease.id)
 

@@ -54,18 +54,18 @@ def unet_inputs(seed: int = 5):
 
 def train(
     pipe: StableDiffusionPipeline, steps: int = 4, *, text_encoder: bool = False, matrices_only: bool = False, seed: int = 1,
-    adapters: bool = False, lr: float = 2e-3,
+    only: str | None = None, lr: float = 2e-3,
 ) -> None:
     """Adam steps of a denoising loss through the text encoder and UNet, DreamBooth-style.
 
     ``matrices_only`` trains only weights that a LoRA can carry (conv and linear kernels, not the
-    token table, norms or biases); ``text_encoder`` trains the text encoder too; ``adapters``
-    trains only parameters with ``lora_`` in their names (adapters injected by peft or another
-    tool); ``seed`` makes the data, so that another seed trains another subject.
+    token table, norms or biases); ``text_encoder`` trains the text encoder too; ``only`` trains
+    only parameters with that in their names (an adapter's, injected by peft or another tool:
+    ``lora_``); ``seed`` makes the data, so that another seed trains another subject.
     """
     def trainable(name: str, p: torch.Tensor) -> bool:
-        if adapters:
-            return "lora_" in name
+        if only:
+            return only in name
         return p.dim() >= 2 and "embedding" not in name if matrices_only else True
 
     params = [p for n, p in pipe.unet.named_parameters() if trainable(n, p)]

@@ -151,3 +151,13 @@ class PolicyRow(Model):
     keep_last: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     max_age_seconds: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class DerivedRow(Model):
+    """A blob computed from a base tensor, stored once per tensor digest and kind (``svd``: the
+    SVD that SVDiff subjects' spectral shifts apply to). It lives as long as a base holds the tensor."""
+
+    __tablename__ = "derived"
+    tensor_digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    blob_digest: Mapped[str] = mapped_column(sa.ForeignKey("blobs.digest"), index=True)

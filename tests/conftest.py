@@ -241,6 +241,8 @@ class AdapterFiles:
     peft_outputs: tuple  # sd_tiny.outputs of the trained model, adapters active
     locon: Path  # lycoris-lora's extract_diff of pipelines.ft_unet (LoCon, Tucker convs, alphas)
     locon_outputs: tuple  # sd_tiny.outputs of the base with the LoCon merged by lycoris itself
+    svdiff: Path  # a folder with spectral_shifts.safetensors and spectral_shifts_te.safetensors
+    svdiff_outputs: tuple  # sd_tiny.outputs of the SVDiff-trained model
 
 
 @pytest.fixture(scope="session")
@@ -265,7 +267,7 @@ def adapter_files(pipelines, tmp_path_factory) -> AdapterFiles:
     text_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     pipe.unet.add_adapter(unet_config)
     inject_adapter_in_model(text_config, pipe.text_encoder)  # transformers' add_adapter wants a newer peft
-    sd_tiny.train(pipe, steps=6, text_encoder=True, adapters=True, lr=1e-2)
+    sd_tiny.train(pipe, steps=6, text_encoder=True, only="lora_", lr=1e-2)
     StableDiffusionPipeline.save_lora_weights(
         d / "peft",
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
@@ -278,4 +280,46 @@ def adapter_files(pipelines, tmp_path_factory) -> AdapterFiles:
     locon = extract_diff([base.text_encoder], [ft.text_encoder], base.unet, ft.unet, mode="fixed", linear_mode_param=4, conv_mode_param=4)
     save_file(locon, d / "locon.safetensors")
     merge([base.text_encoder], base.unet, dict(locon))
-    return AdapterFiles(d / "peft" / "pytorch_lora_weights.safetensors", peft_outputs, d / "locon.safetensors", sd_tiny.outputs(base))
+
+    svdiff, svdiff_outputs = _svdiff(load(pipelines.base), d / "svdiff")
+    return AdapterFiles(
+        d / "peft" / "pytorch_lora_weights.safetensors", peft_outputs, d / "locon.safetensors", sd_tiny.outputs(base), svdiff, svdiff_outputs,
+    )
+
+
+class SpectralShift(torch.nn.Module):
+    """SVDiff's parametrization of a weight: W = U·diag(ReLU(σ + δ))·Vᵀ from the pretrained weight's
+    SVD (conv kernels as out x in·kh·kw, a norm's weight as 1 x n), with only δ trained."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.shape = weight.shape
+        matrix = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.detach().reshape(1, -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        self.register_buffer("u", u)
+        self.register_buffer("s", s)
+        self.register_buffer("vh", vh)
+        self.shift = torch.nn.Parameter(torch.zeros_like(s))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return ((self.u * torch.relu(self.s + self.shift)) @ self.vh).reshape(self.shape)
+
+
+def _svdiff(pipe, folder: Path):
+    """Train SVDiff's shifts of every conv, linear and norm weight of the UNet and text encoder, and
+    save them as svdiff-pytorch does: <module>.delta, one file per model."""
+    from torch.nn.utils import parametrize
+
+    from dsreg import sd_tiny
+
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, module in list(model.named_modules()):
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)) and weight is not None:
+                parametrize.register_parametrization(module, "weight", SpectralShift(weight))
+    sd_tiny.train(pipe, steps=6, text_encoder=True, only=".shift", lr=5e-3)
+    folder.mkdir()
+    for model, file in ((pipe.unet, "spectral_shifts.safetensors"), (pipe.text_encoder, "spectral_shifts_te.safetensors")):
+        shifts = {n.split(".parametrizations.")[0] + ".delta": p.detach().clone() for n, p in model.named_parameters() if n.endswith(".shift")}
+        save_file(shifts, folder / file)
+    return folder, sd_tiny.outputs(pipe)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsreg import BaseMismatch, CheckpointError, Registry, UsageError, sd_tiny
+from dsreg import BaseMismatch, CheckpointError, IntegrityError, Registry, UsageError, sd_tiny
 from dsreg.deltasvd import FactoredSpectrum
 from dsreg.names import Ref
+from dsreg.tables import DerivedRow
 
 
 @pytest.fixture
@@ -264,3 +267,90 @@ def test_a_merged_deft_finetune_is_stored_at_its_rank_without_loss(tmp_path):
     assert len(moved) >= len(trained) - 2
     assert all(stored[k].kind == "lowrank" and stored[k].rank <= 2 * rank for k in moved)
     assert functional_error(base_sd, ft_sd, load_file(tmp_path / "out.safetensors")) < 1e-3
+
+
+def test_an_svdiff_subject_stores_its_shifts_and_the_base_svd_once(local, pipelines, adapter_files, tmp_path):
+    files = sum(p.stat().st_size for p in adapter_files.svdiff.iterdir())
+    rev = local.push(adapter_files.svdiff, "sks")
+    spectral = [t for t in local.show(rev.ref).tensors if t.kind == "spectral"]
+    assert {t.key.split("/")[0] for t in spectral} == {"unet", "text_encoder"}
+    assert rev.stored_bytes <= files  # the shifts themselves; the base's SVD is the base's, shared
+    with local.catalog.session() as s:
+        svds = s.execute(sa.select(DerivedRow.blob_digest)).scalars().all()
+    base = {t.key: t.tensor_digest for t in local.catalog.base_tensors("sd-tiny")}
+    assert len(svds) == len({base[t.key] for t in spectral})  # equal base tensors (fresh norms) share one SVD
+
+    local.checkout("sks", tmp_path / "sks")
+    untouched = sd_tiny.outputs(_load(pipelines.base))
+    checked_out = sd_tiny.outputs(_load(tmp_path / "sks"))
+    for share in _effect(checked_out, adapter_files.svdiff_outputs, untouched):
+        assert share < 1e-3  # the SVDiff-trained model's outputs
+    pipe = _load(pipelines.base)
+    with local.apply(pipe, "sks"):
+        for a, c in zip(sd_tiny.outputs(pipe), checked_out):
+            assert torch.equal(a, c)
+
+    # A second subject of the same base reuses every SVD; gc keeps them while the base is there.
+    local.push(adapter_files.svdiff, "sks-again")
+    with local.catalog.session() as s:
+        assert sorted(s.execute(sa.select(DerivedRow.blob_digest)).scalars().all()) == sorted(svds)
+    local.rm("sks")
+    local.rm("sks-again")
+    local.gc(grace=0)
+    report = local.verify(full=True)
+    assert report.ok and all(local.store.exists(d) for d in svds)
+    again = local.push(adapter_files.svdiff, "sks")
+    local.checkout(again.ref, tmp_path / "again")
+    assert all(torch.equal(a, c) for a, c in zip(sd_tiny.outputs(_load(tmp_path / "again")), checked_out))
+
+    # A damaged SVD blob is found by its digest, and nothing is written.
+    path = local.store.path(svds[0])
+    Path(path).write_bytes(b"not an svd")
+    with pytest.raises(IntegrityError):
+        local.checkout("sks", tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
+
+    # The SVDs go with the last base that holds their tensors.
+    local.rm("sks")
+    local.remove_base("sd-tiny")
+    with local.catalog.session() as s:
+        assert s.execute(sa.select(DerivedRow)).all() == []
+
+
+def test_svdiff_shifts_longer_than_the_layers_rank_are_refused(local, adapter_files, tmp_path):
+    shifts = load_file(adapter_files.svdiff / "spectral_shifts.safetensors")
+    key = sorted(shifts)[0]
+    shifts[key] = torch.zeros(shifts[key].numel() + 1)
+    (tmp_path / "bad").mkdir()
+    save_file(shifts, tmp_path / "bad" / "spectral_shifts.safetensors")
+    with pytest.raises(UsageError, match="singular values"):
+        local.push(tmp_path / "bad", "bad")
+    assert local.subjects() == []
+
+
+def test_the_stored_svd_makes_rebuilds_reproducible():
+    """Two valid SVDs of a weight with a repeated singular value rebuild different weights for the
+    same shifts; one stored SVD rebuilds the same bits every time. Between machines, only the fp32
+    product's rounding is left: within a few ulps of the weight."""
+    from dsreg import spectral
+
+    g = torch.Generator().manual_seed(5)
+    q1 = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(24, 16, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([4.0, 2.0, 2.0, 2.0] + [1.0] * 12, dtype=torch.float64)  # σ = 2 three times, σ = 1 twelve times
+    weight = (q1 * s) @ q2.T
+    shift = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)
+
+    one = spectral.decompose(weight.float())
+    # Another SVD, as valid: U and V rotated alike within the σ = 1 group.
+    rot = torch.eye(16, dtype=torch.float64)
+    rot[4:, 4:] = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0]
+    other = {"u": (one["u"].double() @ rot).float(), "s": one["s"], "vh": (rot.T @ one["vh"].double()).float()}
+    assert torch.allclose((other["u"].double() * other["s"]) @ other["vh"].double(), weight, atol=1e-5)
+
+    a, b = spectral.change((16, 24), one, shift), spectral.change((16, 24), other, shift)
+    assert float((a - b).abs().max()) > 0.01  # as large as the shifts within the group
+    assert torch.equal(a, spectral.change((16, 24), one, shift))  # the stored one: the same bits
+    # What is left between machines: the same U, σ, V multiplied in fp64 instead of fp32.
+    exact = ((one["u"].double() * (torch.relu(one["s"] + shift) - one["s"])) @ one["vh"].double())
+    assert float((a.double() - exact).abs().max()) < 8 * torch.finfo(torch.float32).eps * float(weight.abs().max())
