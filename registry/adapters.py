@@ -20,8 +20,12 @@ What a file says per module (docs/adapters.md has the table):
   file's ``lora_adapter_metadata`` (peft's ``lora_alpha``, ``r``, ``rank_pattern``,
   ``alpha_pattern``, ``use_rslora``); without it alpha = rank, as diffusers assumes.
 
-Algorithms whose ΔW is not one of these (LoHa, LoKr, DoRA, OFT, SVDiff's spectral shifts) are
-refused by name: no key of a file is ever dropped.
+- SVDiff: ``<module>.delta`` in ``spectral_shifts.safetensors`` (UNet) and
+  ``spectral_shifts_te.safetensors`` (text encoder), shifts of the base weight's singular values.
+
+A base stored as an LDM single file is matched by its CompVis names and by the diffusers names that
+trainers give its UNet modules (:mod:`unet_names`). Algorithms whose ΔW is none of these (LoHa,
+LoKr, DoRA, OFT) are refused by name: no key of a file is ever dropped.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from . import codec, spectral
+from . import codec, spectral, unet_names
 from .bases import base_tensor
 from .catalog import BaseTensor, BlobRecord, Derived
 from .checkpoint import Checkpoint, Layout, TensorSpec, open_checkpoint
@@ -50,6 +54,7 @@ SVDIFF = "svdiff"
 # SVDiff's files, as svdiff-pytorch's training script writes them: the UNet's shifts and the text encoder's.
 SVDIFF_FILES = {"spectral_shifts.safetensors": "unet.", "spectral_shifts_te.safetensors": "text_encoder."}
 
+_LDM_UNET, _LDM_TEXT = "model.diffusion_model.", "cond_stage_model.transformer."
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_PARTS = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
@@ -217,12 +222,20 @@ def _config(text: str | None) -> dict:
 def module_index(base: dict[str, BaseTensor]) -> dict[str, str]:
     """Every name an adapter file may give a base module -> the module's key without .weight/.bias."""
     index: dict[str, str] = {}
+    ldm_unet = [k[len(_LDM_UNET):].rsplit(".", 1)[0] for k in base if k.startswith(_LDM_UNET)]
+    layers = unet_names.layers_per_block(ldm_unet) if ldm_unet else 0
     for key in base:
         t = module_of(key)
         if t is None:
             continue
         prefix = key.rsplit(".", 1)[0]
-        names = [t.kohya, t.peft]
+        peft = "text_encoder." + t.module if key.startswith(_LDM_TEXT) else t.peft
+        names = [t.kohya, peft]
+        if key.startswith(_LDM_UNET):
+            # Trainers name an LDM base's UNet modules as diffusers does (lora_unet_down_blocks_0_...).
+            renamed = unet_names.diffusers_module(t.module, layers)
+            if renamed:
+                names += ["lora_unet_" + renamed.replace(".", "_"), "unet." + renamed]
         if t.kohya.startswith(("lora_te_", "lora_te2_")):
             # CLIP's modules sit under text_model. in transformers 4 and in most files, not in
             # transformers 5; diffusers' own text-encoder LoRA keys leave it out. Either name fits.
@@ -230,8 +243,8 @@ def module_index(base: dict[str, BaseTensor]) -> dict[str, str]:
             head = t.kohya[: len(t.kohya) - len(module)]  # lora_te_ or lora_te2_
             other = module[len("text_model."):] if module.startswith("text_model.") else "text_model." + module
             names.append(head + other.replace(".", "_"))
-            if t.peft:
-                names.append(t.peft.split(".", 1)[0] + "." + other)
+            if peft:
+                names.append(peft.split(".", 1)[0] + "." + other)
         names += ["lora_te1_" + n[len("lora_te_"):] for n in names if n and n.startswith("lora_te_")]  # SDXL trainers number the first encoder too
         for name in filter(None, names):
             index.setdefault(name, prefix)

@@ -354,3 +354,87 @@ def test_the_stored_svd_makes_rebuilds_reproducible():
     # What is left between machines: the same U, σ, V multiplied in fp64 instead of fp32.
     exact = ((one["u"].double() * (torch.relu(one["s"] + shift) - one["s"])) @ one["vh"].double())
     assert float((a.double() - exact).abs().max()) < 8 * torch.finfo(torch.float32).eps * float(weight.abs().max())
+
+
+_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_FIXED_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _to_ldm(key: str, layers: int, up_attentions: set[int]) -> str:
+    """The tests' own diffusers -> LDM renaming of a UNet key, held to diffusers' converter below."""
+    module, _, leaf = key.rpartition(".")
+    if module in _FIXED_LDM:
+        return f"{_FIXED_LDM[module]}.{leaf}"
+    parts = module.split(".")
+    if parts[0] == "mid_block":
+        k, rest = int(parts[2]), ".".join(parts[3:])
+        return (f"middle_block.{2 * k}.{_RESNET_LDM.get(rest, rest)}" if parts[1] == "resnets" else f"middle_block.{2 * k + 1}.{rest}") + "." + leaf
+    block, kind = int(parts[1]), parts[2]
+    if kind == "downsamplers":
+        return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{leaf}"
+    if kind == "upsamplers":
+        return f"output_blocks.{block * (layers + 1) + layers}.{2 if block in up_attentions else 1}.conv.{leaf}"
+    layer, rest = int(parts[3]), ".".join(parts[4:])
+    n = block * (layers + 1) + layer + (1 if parts[0] == "down_blocks" else 0)
+    where = "input_blocks" if parts[0] == "down_blocks" else "output_blocks"
+    return (f"{where}.{n}.0.{_RESNET_LDM.get(rest, rest)}" if kind == "resnets" else f"{where}.{n}.1.{rest}") + "." + leaf
+
+
+def _ldm_names(unet) -> dict[str, str]:
+    up_attentions = {i for i, b in enumerate(unet.config.up_block_types) if "Attn" in b}
+    return {k: _to_ldm(k, unet.config.layers_per_block, up_attentions) for k in unet.state_dict()}
+
+
+@pytest.mark.parametrize("shape", ["sd-tiny", "sd15"])
+def test_ldm_unet_names_map_to_diffusers_as_diffusers_converts_them(pipelines, shape):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from dsreg import unet_names
+
+    if shape == "sd15":
+        with torch.device("meta"):  # the default config is SD1.5's layout; names only, no memory
+            unet = UNet2DConditionModel(cross_attention_dim=768)
+    else:
+        unet = _load(pipelines.base).unet
+    sd = unet.state_dict()
+    ldm = {name: sd[k] for k, name in _ldm_names(unet).items()}
+    converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in ldm.items()}, dict(unet.config))
+    assert {k: id(v) for k, v in converted.items()} == {k: id(v) for k, v in sd.items()}
+
+    modules = sorted({k.rsplit(".", 1)[0] for k in ldm})
+    layers = unet_names.layers_per_block(modules)
+    assert layers == unet.config.layers_per_block
+    by_tensor = {id(v): k for k, v in converted.items()}
+    for key, value in ldm.items():
+        module = key.rsplit(".", 1)[0]
+        assert unet_names.diffusers_module(module, layers) == by_tensor[id(value)].rsplit(".", 1)[0], key
+
+
+def test_adapters_with_diffusers_names_push_against_an_ldm_single_file_base(local, pipelines, adapter_files, tmp_path):
+    """kohya's, diffusers' and SVDiff's files name an SD1.5 single file's UNet modules as diffusers
+    does: they merge into the LDM base exactly as into the same base stored as a diffusers pipeline."""
+    pipe = _load(pipelines.base)
+    rename = {f"unet/{k}": f"model.diffusion_model.{name}" for k, name in _ldm_names(pipe.unet).items()}
+    text = {k: v for k, v in pipe.text_encoder.state_dict().items()}
+    rename.update({f"text_encoder/{k}": "cond_stage_model.transformer.text_model." + k.removeprefix("text_model.") for k in text})
+    single = {rename[f"unet/{k}"]: v for k, v in pipe.unet.state_dict().items()}
+    single.update({rename[f"text_encoder/{k}"]: v for k, v in text.items()})
+    save_file({k: v.contiguous() for k, v in single.items()}, tmp_path / "v1.safetensors")
+    local.add_base(tmp_path / "v1.safetensors", "v1")
+
+    for name, file in (("locon", adapter_files.locon), ("peft", adapter_files.peft), ("svdiff", adapter_files.svdiff)):
+        on_ldm = local.push(file, f"{name}-ldm", base="v1")
+        on_pipeline = local.push(file, f"{name}-pipeline", base="sd-tiny")
+        assert on_ldm.stored_bytes <= on_ldm.original_bytes and on_pipeline.stored_bytes <= on_pipeline.original_bytes
+        ldm = load_file(local.checkout(f"{name}-ldm", tmp_path / f"{name}-ldm.safetensors").path)
+        folder = local.checkout(f"{name}-pipeline", tmp_path / f"{name}-pipeline").path
+        merged = {f"unet/{k}": v for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
+        merged.update({f"text_encoder/{k}": v for k, v in load_file(folder / "text_encoder" / "model.safetensors").items()})
+        assert {rename[k] for k in merged} == set(ldm)
+        changed = [k for k in merged if not torch.equal(merged[k], single[rename[k]])]
+        assert changed and any(k.startswith("unet/") for k in changed)
+        for k, v in merged.items():
+            assert torch.equal(ldm[rename[k]], v), k
