@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsreg import Registry
+from dsreg import Registry, ranking
+from bench import real_models
 from dsreg.demo import TinyUNet, finetune, fixed_inputs, make_base, state_dict
 
 TARGET = 0.33
@@ -163,6 +164,49 @@ def sd15_subject(reg: Registry, work: Path, cache: Path) -> Subject:
     return Subject("sd15", reg, ft, load_file(base), load_file(ft), forward, work)
 
 
+# ---------------------------------------------------------------- real fine-tunes: how budget mode spends bytes
+
+TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ENCODINGS = ("fp16", "bf16", "int8", "mixed")
+BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.33, 0.5)
+
+
+def real_subject(reg: Registry, work: Path, pair) -> Subject:
+    save_file(pair.base, work / f"{pair.name}-base.safetensors")
+    save_file(pair.ft, work / f"{pair.name}-ft.safetensors")
+    reg.add_base(work / f"{pair.name}-base.safetensors", pair.name)
+    return Subject(pair.name, reg, work / f"{pair.name}-ft.safetensors", pair.base, pair.ft, pair.forward, work)
+
+
+def allocation(subject: Subject, criteria=ranking.CRITERIA) -> None:
+    """Every energy rule in every encoding, then each budget criterion at fractions of the paper's
+    bytes against the best energy rule (any encoding) that fits the same budget. Quality is
+    1 - functional error (1: the fine-tune)."""
+    measured: list[tuple[str, str, int, float]] = []
+    paper_bytes, paper_err = subject.measure(energy=0.5, encoding="fp16")
+    print(f"\n{subject.name}: paper (tau 0.5, fp16) {paper_bytes / 1e6:.3f} MB, quality {1 - paper_err:.4f}", flush=True)
+    print("| rule | encoding | x paper bytes | quality |\n|---|---|---|---|")
+    for tau in TAUS:
+        for encoding in ENCODINGS:
+            stored, err = subject.measure(energy=tau, encoding=encoding)
+            measured.append((f"energy={tau:g}", encoding, stored, err))
+            print(f"| energy={tau:g} | {encoding} | {stored / paper_bytes:.3f} | {1 - err:.4f} |", flush=True)
+    print("\n| budget | criterion | x paper bytes | quality | best energy rule within it | its quality | margin |\n|---|---|---|---|---|---|---|")
+    default = ranking.BUDGET_CRITERION
+    try:
+        for share in BUDGETS:
+            budget = int(share * paper_bytes)
+            fits = [m for m in measured if m[2] <= budget]
+            best = min(fits, key=lambda m: m[3]) if fits else None
+            for criterion in criteria:
+                ranking.BUDGET_CRITERION = criterion
+                stored, err = subject.measure(budget=budget, encoding="mixed")
+                rival = f"{best[0]} {best[1]} | {1 - best[3]:.4f} | {best[3] - err:+.4f}" if best else "none fits | |"
+                print(f"| {share:g}x | {criterion} | {stored / paper_bytes:.3f} | {1 - err:.4f} | {rival} |", flush=True)
+    finally:
+        ranking.BUDGET_CRITERION = default
+
+
 def _line(r: Row) -> str:
     return (
         f"| {r.model} | {r.tau:g} | {r.mode} | {r.encoding} | {r.stored / 1e6:.3f} MB | {r.bytes_ratio:.3f}x | "
@@ -178,6 +222,8 @@ def main() -> None:
     ap.add_argument("--sd15-rows", default="", help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--small", action=argparse.BooleanOptionalAction, default=True, help="the small model's rows")
     ap.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    ap.add_argument("--real", default="", help="comma-separated real fine-tunes for the budget-allocation tables: " + ",".join(real_models.MODELS))
+    ap.add_argument("--criteria", default=",".join(ranking.CRITERIA), help="budget criteria to compare on them")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsreg-quality-"))
     print(f"| model | tau | mode | encoding | stored | x paper bytes | func error | x paper error | target (<= {TARGET}x bytes, error within 1%) |")
@@ -186,6 +232,8 @@ def main() -> None:
         with Registry.open(f"sqlite:///{work / 'catalog.db'}", str(work / "blobs")) as reg:
             if args.small:
                 run(small_subject(reg, work), [float(t) for t in args.taus.split(",")])
+            for name in filter(None, args.real.split(",")):
+                allocation(real_subject(reg, work, real_models.load(name)), tuple(args.criteria.split(",")))
             if args.sd15:
                 # Minutes per row at this size: no bisection, and only the rows asked for.
                 rows = tuple(args.sd15_rows.split(",")) if args.sd15_rows else tuple(r for r in ROWS if r != "smallest")

@@ -24,6 +24,13 @@ from .errors import UsageError
 
 
 MODES = ("energy", "max-error", "budget", "exact")
+# How budget mode values one singular direction σᵢ of a layer's delta ΔW, per byte it costs:
+#   frobenius  σᵢ², the same for every layer: the total squared error of all deltas
+#   relative   σᵢ² / ‖ΔW‖²_F: the sum of each layer's own relative squared error
+#   nuclear    σᵢ / Σσ: each layer's share of its own singular values, as the paper's rule counts
+#   tau        no greedy step: the paper's rule at the largest τ that fits, the same τ for every layer
+CRITERIA = ("frobenius", "relative", "nuclear", "tau")
+BUDGET_CRITERION = "frobenius"
 
 _ZSTD_BLOCK = 128 * 1024
 _ZSTD_FRAME = 22  # magic, frame header descriptor, window, dictionary id, content size, checksum
@@ -156,6 +163,7 @@ def allocate(
     encoding: str,
     start: dict[str, Allocation] | None = None,
     paid: dict[str, int] | None = None,
+    criterion: str | None = None,
 ) -> dict[str, Allocation]:
     """Ranks (and, for ``mixed``, 8-bit counts) that maximize the kept energy within ``budget`` bytes.
 
@@ -165,9 +173,25 @@ def allocate(
     really took as ``paid``; ``budget`` is then the extra room, and a layer's first step costs its
     new bound less what it paid (re-compressing it gives up what zstd saved on it).
     """
+    criterion = criterion or BUDGET_CRITERION
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown budget criterion {criterion!r}")
     start = start or {}
     paid = paid or {}
     origin = {layer.key: start.get(layer.key, Allocation(0, 0)) for layer in layers}
+    if criterion == "tau":
+        return _uniform_tau(layers, budget, encoding, origin, paid)
+    # What one direction of a layer is worth, by criterion (see CRITERIA).
+    weight = {}
+    for layer in layers:
+        s = layer.singular_values.double()
+        total = float((s if criterion == "nuclear" else s**2).sum())
+        weight[layer.key] = 1.0 if criterion == "frobenius" else (1.0 / total if total > 0 else 0.0)
+
+    def worth(layer: LayerSpectrum, i: int) -> float:
+        sigma = float(layer.singular_values[i])
+        return (sigma if criterion == "nuclear" else sigma**2) * weight[layer.key]
+
     state = {key: [a.rank, a.wide] for key, a in origin.items()}  # rank, wide
     spent = 0
     heap: list[tuple[float, int, int, str, tuple[int, int]]] = []
@@ -187,11 +211,11 @@ def allocate(
         if rank < s.numel() and s[rank] > 0:
             new_wide = wide if encoding == "mixed" else rank + 1
             c = cost(layer, rank + 1, new_wide) - now
-            heapq.heappush(heap, (-float(s[rank]) ** 2 * keep_add / max(c, 1), i, c, "add", (rank, wide)))
+            heapq.heappush(heap, (-worth(layer, rank) * keep_add / max(c, 1), i, c, "add", (rank, wide)))
         if encoding == "mixed" and wide < rank:
             # Can cost less than nothing: widening the last 4-bit direction drops the 4-bit tensors' headers.
             c = cost(layer, rank, wide + 1) - now
-            heapq.heappush(heap, (-float(s[wide]) ** 2 * keep_widen / max(c, 1), i, c, "widen", (rank, wide)))
+            heapq.heappush(heap, (-worth(layer, wide) * keep_widen / max(c, 1), i, c, "widen", (rank, wide)))
 
     for i in range(len(layers)):
         offer(i)
@@ -210,6 +234,41 @@ def allocate(
         # Both of this layer's offers are stale now (costs shift with the shape): make new ones.
         offer(i)
     return {key: Allocation(rank, wide) for key, (rank, wide) in state.items()}
+
+
+def _uniform_tau(
+    layers: list[LayerSpectrum], budget: int, encoding: str, origin: dict[str, Allocation], paid: dict[str, int]
+) -> dict[str, Allocation]:
+    """The paper's rule at the largest τ whose bytes fit: bisection on τ, every layer's rank by its
+    own energy share, and for ``mixed`` its 8-bit count as a rule would choose it. A layer never
+    falls below ``origin``; one that stays there costs what it ``paid``, a grown one its new bound
+    less that."""
+
+    def plan(tau: float) -> dict[str, Allocation]:
+        out = {}
+        for layer in layers:
+            t = deltasvd.energy_rank(layer.singular_values, tau) if tau > 0 else 0
+            a = Allocation(t, encodings.leading_directions(layer.singular_values, t, encoding))
+            at = origin[layer.key]
+            out[layer.key] = a if (a.rank, a.wide) > (at.rank, at.wide) else at
+        return out
+
+    def extra(p: dict[str, Allocation]) -> int:
+        spent = 0
+        for layer in layers:
+            a = p[layer.key]
+            if a == origin[layer.key] and layer.key in paid:
+                continue
+            spent += factor_blob_bound(layer.out, layer.inner, a.rank, a.wide, encoding) - paid.get(layer.key, 0)
+        return spent
+
+    lo, hi = 0.0, 1.0
+    if extra(plan(hi)) <= budget:
+        return plan(hi)
+    for _ in range(40):  # τ to within 1e-12: finer than any layer's next singular value moves it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if extra(plan(mid)) <= budget else (lo, mid)
+    return plan(lo)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from dsreg import IntegrityError, RankRule, UsageError, codec, deltasvd, encodings
+from dsreg import IntegrityError, RankRule, UsageError, codec, deltasvd, encodings, ranking
 from dsreg.ranking import Allocation, LayerSpectrum, allocate, factor_blob_bound, safetensors_size
 from dsreg.tables import EntryRow
 from dsreg.deltas import SPARSE_PROBE_COLUMNS, _sparse_rows
@@ -72,6 +72,23 @@ def test_mixed_budget_widens_only_the_leading_directions():
         assert factor_blob_bound(256, 256, plan.rank, plan.wide, "mixed") <= budget
     # With room for everything at 8 bits, everything is kept at 8 bits.
     assert allocate(layers, 100_000, "mixed")["l"] == Allocation(8, 8)
+
+
+@pytest.mark.parametrize("criterion", ranking.CRITERIA)
+@pytest.mark.parametrize("encoding", ["fp16", "mixed"])
+def test_every_budget_criterion_keeps_within_the_budget(criterion, encoding):
+    """The criteria that bench/quality.py --real compares: each plan's bounds fit, and more room never keeps less."""
+    g = torch.Generator().manual_seed(4)
+    layers = [LayerSpectrum(f"l{i}", 48 + 16 * i, 64, torch.sort(torch.rand(48, generator=g) * (i + 1), descending=True).values) for i in range(4)]
+    kept = 0
+    for budget in (3_000, 12_000, 40_000):
+        plan = allocate(layers, budget, encoding, criterion=criterion)
+        assert sum(factor_blob_bound(l.out, l.inner, plan[l.key].rank, plan[l.key].wide, encoding) for l in layers) <= budget
+        total = sum(a.rank for a in plan.values())
+        assert total >= kept
+        kept = total
+    with pytest.raises(ValueError, match="criterion"):
+        allocate(layers, 1_000, encoding, criterion="largest")
 
 
 @settings(max_examples=30, deadline=None)
