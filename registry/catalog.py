@@ -338,16 +338,11 @@ class Catalog:
 
     def derived(self, tensor_digests: Sequence[str], kind: str) -> dict[str, BlobRecord]:
         """The ``kind`` blobs already derived from these base tensors, by tensor digest."""
-        found: dict[str, BlobRecord] = {}
-        with self.session() as s:
-            for chunk in _chunks(sorted(set(tensor_digests)), 500):
-                rows = s.execute(
-                    sa.select(DerivedRow.tensor_digest, BlobRow)
-                    .join(BlobRow, BlobRow.digest == DerivedRow.blob_digest)
-                    .where(DerivedRow.kind == kind, DerivedRow.tensor_digest.in_(chunk))
-                )
-                found.update({t: BlobRecord(b.digest, b.size, b.raw_size) for t, b in rows})
-        return found
+        return self._blobs_by_tensor(tensor_digests, lambda chunk: (
+            sa.select(DerivedRow.tensor_digest, BlobRow)
+            .join(BlobRow, BlobRow.digest == DerivedRow.blob_digest)
+            .where(DerivedRow.kind == kind, DerivedRow.tensor_digest.in_(chunk))
+        ))
 
     def blob_sizes(self) -> dict[str, int]:
         with self.session() as s:
@@ -358,15 +353,18 @@ class Catalog:
     def blobs_for_tensors(self, tensor_digests: Sequence[str]) -> dict[str, BlobRecord]:
         """Already stored blobs holding exactly these base tensors, by tensor digest, to share rather
         than upload again: one query per 500 tensors, where a query each cost a round trip per tensor."""
+        return self._blobs_by_tensor(tensor_digests, lambda chunk: (
+            sa.select(BaseTensorRow.tensor_digest, BlobRow)
+            .join(BlobRow, BaseTensorRow.blob_digest == BlobRow.digest)
+            .where(BaseTensorRow.tensor_digest.in_(chunk))
+        ))
+
+    def _blobs_by_tensor(self, tensor_digests: Sequence[str], select) -> dict[str, BlobRecord]:
+        """The first blob that ``select(chunk)`` pairs with each tensor digest, 500 digests a query."""
         found: dict[str, BlobRecord] = {}
         with self.session() as s:
             for chunk in _chunks(sorted(set(tensor_digests)), 500):
-                rows = s.execute(
-                    sa.select(BaseTensorRow.tensor_digest, BlobRow)
-                    .join(BlobRow, BaseTensorRow.blob_digest == BlobRow.digest)
-                    .where(BaseTensorRow.tensor_digest.in_(chunk))
-                )
-                for tdigest, row in rows:
+                for tdigest, row in s.execute(select(chunk)):
                     found.setdefault(tdigest, BlobRecord(row.digest, row.size, row.raw_size))
         return found
 
