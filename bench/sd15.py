@@ -113,7 +113,10 @@ def step(args) -> dict:
         result = {}
     elif args.step == "push":
         with Registry.open(home=args.home) as r:
-            rev = r.push(args.ft, f"tau-{args.tau}", base="sd15", energy=args.tau, device=args.device)
+            if args.budget:
+                rev = r.push(args.ft, "budget", base="sd15", budget=args.budget, device=args.device)
+            else:
+                rev = r.push(args.ft, f"tau-{args.tau}", base="sd15", energy=args.tau, device=args.device)
             ranks = {t.key: t.rank for t in r.show(rev.ref).tensors if t.kind == "lowrank"}
         result = {"ref": rev.ref, "kept": rev.kept_params, "stored": rev.stored_bytes, "original": rev.original_bytes, "ranks": ranks}
     elif args.step == "checkout":
@@ -178,6 +181,8 @@ def main() -> None:
     parser.add_argument("--taus", default="0.06,0.2,0.5,0.8")
     parser.add_argument("--cache", default=".bench-cache")
     parser.add_argument("--skip-plain", action="store_true", help="Skip the ~4-minute plain-SVD baseline.")
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)  # a step's budget
+    parser.add_argument("--skip-budget", action="store_true", help="Skip the budget push (the main tau push's bytes as its budget).")
     args = parser.parse_args()
     if args.step:
         print(json.dumps(step(args)))
@@ -200,18 +205,22 @@ def main() -> None:
             pushes[tau] = run_step(step="push", ft=ft, home=home, tau=tau)
             print(f"push tau {tau}: {pushes[tau]['seconds']:.1f} s, {pushes[tau]['rss_mb']:.0f} MB peak", flush=True)
         main_tau = 0.5 if 0.5 in pushes else next(iter(pushes))
+        budget = None
+        if not args.skip_budget:
+            budget = run_step(step="push", ft=ft, home=home, budget=pushes[main_tau]["stored"])
+            print(f"push --budget {pushes[main_tau]['stored']}: {budget['seconds']:.1f} s, {budget['rss_mb']:.0f} MB peak", flush=True)
         checkout = run_step(step="checkout", home=home, ref=pushes[main_tau]["ref"], out=work / "out.safetensors")
         print(f"checkout: {checkout['seconds']:.1f} s, {checkout['rss_mb']:.0f} MB peak", flush=True)
         gpu = None
         if torch.cuda.is_available():
             gpu = {d: run_step(step="checkout", home=home, ref=pushes[main_tau]["ref"], out=work / f"out-{d}.safetensors", device=d) for d in ("cuda", "cpu")}
         plain = None if args.skip_plain else run_step(step="plain", base=base, ft=ft, tau=main_tau)
-        report(copy, pushes, main_tau, checkout, plain, gpu)
+        report(copy, pushes, main_tau, checkout, plain, gpu, budget)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(copy, pushes, main_tau, checkout, plain, gpu) -> None:
+def report(copy, pushes, main_tau, checkout, plain, gpu, budget=None) -> None:
     print("\n| measure | value | target | met |")
     print("|---|---:|---:|---|")
     push = pushes[main_tau]
@@ -225,6 +234,10 @@ def report(copy, pushes, main_tau, checkout, plain, gpu) -> None:
     print(f"| checkout time / file copy time | {checkout['seconds']:.1f} s / {copy['seconds']:.1f} s = {ratio:.2f}x | <= 1.5x | {'yes' if ratio <= 1.5 else 'NO'} |")
     print(f"| push peak RSS (tau {main_tau}) | {push['rss_mb']:.0f} MB | <= 1500 MB | {'yes' if push['rss_mb'] <= 1500 else 'NO'} |")
     print(f"| checkout peak RSS | {checkout['rss_mb']:.0f} MB | <= 1500 MB | {'yes' if checkout['rss_mb'] <= 1500 else 'NO'} |")
+    if budget:
+        ratio = budget["seconds"] / push["seconds"]
+        print(f"| push --budget (tau {main_tau}'s bytes) / push --energy {main_tau} | {budget['seconds']:.1f} s / {push['seconds']:.1f} s = {ratio:.2f}x | <= 1.5x | {'yes' if ratio <= 1.5 else 'NO'} |")
+        print(f"| push --budget peak RSS | {budget['rss_mb']:.0f} MB | <= 1500 MB | {'yes' if budget['rss_mb'] <= 1500 else 'NO'} |")
     if gpu:
         g, c = gpu["cuda"], gpu["cpu"]
         print(f"| checkout --device cuda / --device cpu | {g['seconds']:.1f} s / {c['seconds']:.1f} s = {g['seconds'] / c['seconds']:.2f}x | <= 1.0x | {'yes' if g['seconds'] <= c['seconds'] else 'NO'} |")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from dsreg import Conflict, DsregError, IntegrityError, Registry
-from dsreg.config import DEFAULT_ENCODING, DEFAULT_ENERGY, ENCODINGS, parse_duration, redact
+from dsreg.config import BUDGET_ENCODING, DEFAULT_ENCODING, DEFAULT_ENERGY, ENCODINGS, parse_duration, redact
 
 from .output import Bars, echo_json, force_option, json_option, ratio, size, table, when
 
@@ -146,7 +146,7 @@ def base_rm(obj: Context, name):
 @click.option("--max-error", type=float, metavar="EPS", help="Per tensor, the smallest rank whose relative Frobenius error of the delta is <= EPS.")
 @click.option("--budget", metavar="SIZE", help="Bytes for the whole revision (e.g. 20MB): ranks shared across layers to keep the most.")
 @click.option("--exact", is_flag=True, help="Lossless: checkout gives back the pushed tensors bit for bit.")
-@click.option("--encoding", type=click.Choice(ENCODINGS), default=DEFAULT_ENCODING, show_default=True, help="How factors are stored.")
+@click.option("--encoding", type=click.Choice(ENCODINGS), default=None, help=f"How factors are stored.  [default: {DEFAULT_ENCODING}; {BUDGET_ENCODING} with --budget]")
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True, help="gram: fast exact spectrum; svd: plain full SVD.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Leave out an LDM checkpoint's EMA copy (model_ema.*); by default it is stored against the weights it mirrors.")
@@ -241,8 +241,8 @@ def sweep(obj: Context, path, base_name, energies, max_errors, budgets, encoding
         [r.rule, r.encoding, f"{r.kept_params / 1e6:.3g}M", size(r.stored_bytes), ratio(r.ratio), f"{r.rel_error:.3f}", f"{r.max_error:.3f}"]
         for r in rows
     ]
-    click.echo(table(["rule", "encoding", "kept params", "stored <=", "ratio", "delta err", "max tensor err"], body, right={2, 3, 4, 5, 6}))
-    click.echo("delta err: relative Frobenius error of all changed matrices together: truncation from the spectra, plus the encoding's expected rounding noise")
+    click.echo(table(["rule", "encoding", "kept params", "stored", "ratio", "delta err", "max tensor err"], body, right={2, 3, 4, 5, 6}))
+    click.echo("stored: at most this under an energy or max-error rule, as planned within a budget; delta err: relative Frobenius error of all changed matrices together: truncation from the spectra, plus the encoding's expected rounding noise")
 
 
 def _items(text: str) -> list[str]:

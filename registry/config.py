@@ -22,6 +22,9 @@ ENV_FACTOR_CACHE = "DSREG_FACTOR_CACHE"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_ENCODING = "fp16"
+# A --budget push trades bytes for quality by design: int8 factors with a 4-bit tail keep more of
+# every real fine-tune measured than fp16 factors in the same bytes (docs/rank-rules.md).
+BUDGET_ENCODING = "mixed"
 ENCODINGS = ("fp16", "bf16", "fp32", "int8", "mixed")  # how factors are stored: dsreg.encodings
 ZSTD_LEVEL = 3
 # Base tensors are fp32/fp16 weights, which zstd shrinks by only ~7%; a negative level keeps the

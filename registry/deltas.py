@@ -95,6 +95,7 @@ def compress(
     allocation: Allocation | None = None,
     base_is_scratch: bool = False,
     update: Update | None = None,
+    reduction: deltasvd.Reduction | None = None,
 ) -> Stored:
     """Store ``ft`` against base tensor ``bt`` under ``rule``; budget mode passes each tensor's ``allocation``.
 
@@ -103,6 +104,7 @@ def compress(
     ``update``: the change in closed form, where an adapter gave it (``ft`` is then the merged
     tensor): a lossy rule decomposes it as given, not as rounded into the base's dtype, and a
     low-rank update is decomposed from its factors.
+    ``reduction``: this delta's decomposition as :func:`survey` kept it (budget pushes).
     """
     if not ft.is_floating_point() or bt is None:  # integers, and what the base has no tensor for
         return _stored(_Candidate("full", {"tensor": ft}, 0, 0.0))
@@ -134,7 +136,7 @@ def compress(
         if delta is None:
             spectrum = update.spectrum(device)
         else:
-            spectrum = deltasvd.Spectrum(delta, method)
+            spectrum = deltasvd.Spectrum(delta, method, reduction)
         full_rank = spectrum.full_rank
         t = allocation.rank if allocation is not None else spectrum.rank(rule.mode, rule.value)
         measured = bound is not None
@@ -219,18 +221,30 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
         raise ValueError(f"unknown entry kind {kind!r}")
 
 
-def survey(ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram", update: Update | None = None) -> torch.Tensor | None:
-    """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None."""
+def survey(
+    ft: torch.Tensor, bt: torch.Tensor | None, method: str = "gram", update: Update | None = None, *, keep: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, deltasvd.Reduction | None] | None:
+    """Singular values of a changed ≥2-D float delta (what budget allocation needs), else None.
+
+    ``keep``: return (values, reduction) instead, the reduction being what :func:`compress` can
+    cut this delta's factors from later without decomposing it again (None where there is none).
+    """
     if update is not None and update.stored() is not None:
         return None  # stored at a fixed cost
+    reduction = None
     if update is not None and ft.dim() >= 2:
         if update.factored:
-            return update.spectrum(ft.device).s
-        return deltasvd.singular_values(deltasvd.as_matrix(update.delta(tuple(ft.shape))), method).double()
-    if bt is None or not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
+            s = update.spectrum(ft.device).s
+        else:
+            s = deltasvd.singular_values(deltasvd.as_matrix(update.delta(tuple(ft.shape))), method).double()
+    elif bt is None or not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
         return None  # a tensor that gained rows is stored at a fixed cost (see _compress_grown)
-    delta = ft.float() - bt.float()
-    return deltasvd.singular_values(deltasvd.as_matrix(delta), method).double()
+    elif keep and method == "gram" and ft.device.type == "cpu":
+        spectrum = deltasvd.Spectrum(ft.float() - bt.float(), method)
+        s, reduction = spectrum.s, spectrum.reduction()
+    else:
+        s = deltasvd.singular_values(deltasvd.as_matrix(ft.float() - bt.float()), method).double()
+    return (s, reduction) if keep else s
 
 
 # ---------------------------------------------------------------- candidates

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Imported eagerly, not at first use: threads_per_lane can only limit the threads of a BLAS that
@@ -89,6 +90,26 @@ def singular_values(matrix: torch.Tensor, method: str = "gram") -> torch.Tensor:
     return _GramEigen(_gram(matrix), vectors=False).s
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """What a Gram-path decomposition keeps after its eigenvalues: enough to cut factors at any rank
+    later, from the delta alone, without forming the Gram matrix or reducing it again. A budget
+    push keeps one per layer on disk between planning and compressing (push._compress_to_budget)."""
+
+    values: torch.Tensor  # the Gram's eigenvalues, descending, fp64
+    single: tuple  # eigen.Tridiagonal.single(): the fp32 reflectors and tridiagonal form
+    rounding: float  # see _gram_rounding
+
+    def save(self, path) -> None:
+        reflectors, tau, diagonal, off = self.single
+        np.savez(path, values=self.values.numpy(), reflectors=reflectors, tau=tau, diagonal=diagonal, off=off, rounding=np.float64(self.rounding))
+
+    @classmethod
+    def load(cls, path) -> "Reduction":
+        with np.load(path) as f:
+            return cls(torch.from_numpy(f["values"]), (f["reflectors"], f["tau"], f["diagonal"], f["off"]), float(f["rounding"]))
+
+
 class Spectrum:
     """All singular values of one delta matrix, and the top singular vectors to cut factors at any rank.
 
@@ -98,7 +119,8 @@ class Spectrum:
 
     basis = None  # a delta given whole has no compact basis for its factors (see FactoredSpectrum)
 
-    def __init__(self, delta: torch.Tensor, method: str = "gram"):
+    def __init__(self, delta: torch.Tensor, method: str = "gram", reduction: Reduction | None = None):
+        """``reduction``: this delta's, as :meth:`reduction` gave it before (the Gram path only)."""
         if delta.dim() < 2:
             raise ValueError("Delta-SVD needs a tensor of 2 or more dims; store 1-D deltas dense")
         if method not in METHODS:
@@ -113,12 +135,23 @@ class Spectrum:
             self._u, s, self._vh = svd(self.matrix)
             self.s = self.s_low = self.s_high = s.double()
         else:
-            gram = _gram(self.matrix)
-            rounding = _gram_rounding(self.matrix, gram)
-            self._eigen = _GramEigen(gram)
+            if reduction is not None:
+                rounding, self._eigen = reduction.rounding, _GramEigen.resume(reduction)
+            else:
+                gram = _gram(self.matrix)
+                rounding = _gram_rounding(self.matrix, gram)
+                self._eigen = _GramEigen(gram)
+            self._rounding = rounding
             self.s = self._eigen.s
             squares = self.s**2
             self.s_low, self.s_high = (squares - rounding).clamp_min(0).sqrt(), (squares + rounding).sqrt()
+
+    def reduction(self) -> Reduction | None:
+        """What :class:`Reduction` keeps of this decomposition; None off the CPU Gram path."""
+        tridiagonal = getattr(getattr(self, "_eigen", None), "_tridiagonal", None)
+        if self.method != "gram" or tridiagonal is None:
+            return None
+        return Reduction(tridiagonal.values, tridiagonal.single(), self._rounding)
 
     def rank(self, mode: str, value: float) -> int:
         """The rank that ``mode`` (``"energy"``: τ, ``"max-error"``: the relative Frobenius bound)
@@ -283,6 +316,13 @@ class _GramEigen:
             eigenvalues = torch.linalg.eigvalsh(gram, UPLO="L").flip(0)
         # fp64: small singular values are square roots of small eigenvalues, and the energy sums them all.
         self.s = eigenvalues.clamp_min(0).sqrt()
+
+    @classmethod
+    def resume(cls, reduction: Reduction) -> "_GramEigen":
+        self = cls.__new__(cls)
+        self._tridiagonal = Tridiagonal.resume(reduction.values, reduction.single)
+        self.s = reduction.values.clamp_min(0).sqrt()
+        return self
 
     def top(self, t: int) -> torch.Tensor:
         """The top t eigenvectors, descending, in fp32: they become factors stored in fp16 or coarser."""

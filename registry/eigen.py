@@ -101,6 +101,23 @@ class Tridiagonal:
         self._vectors = torch.zeros(n, 0, dtype=torch.float32)
         self._single: tuple[np.ndarray, ...] | None = None
 
+    def single(self) -> tuple[np.ndarray, ...]:
+        """What ``top`` needs of the reduction, in fp32: reflectors (n × n), their scales, T's
+        diagonal and off-diagonal. With ``values``, :meth:`resume` takes it up again."""
+        if self._single is None:
+            self._single = tuple(x.astype(np.float32) for x in (self._a, self._tau, self._diagonal, self._off))
+        return self._single
+
+    @classmethod
+    def resume(cls, values: torch.Tensor, single: tuple[np.ndarray, ...]) -> "Tridiagonal":
+        """A reduction made before (``single()`` and ``values``), without the fp64 matrix: ``top`` works as it did."""
+        self = cls.__new__(cls)
+        self.n = values.numel()
+        self.values = values
+        self._single = tuple(np.ascontiguousarray(x, dtype=np.float32) for x in single)
+        self._vectors = torch.zeros(self.n, 0, dtype=torch.float32)
+        return self
+
     def top(self, t: int) -> torch.Tensor:
         """The top t eigenvectors (n × t, fp32), in the order of ``values``.
 
@@ -113,9 +130,7 @@ class Tridiagonal:
         if not 0 <= t <= n:
             raise ValueError(f"asked for {t} eigenvectors of a {n} × {n} matrix")
         if t > self._vectors.shape[1]:
-            if self._single is None:
-                self._single = tuple(x.astype(np.float32) for x in (self._a, self._tau, self._diagonal, self._off))
-            reflectors, tau, diagonal, off = self._single
+            reflectors, tau, diagonal, off = self.single()
             z = self._tridiagonal_vectors(t, diagonal, off)
             work = np.empty(64 * t, dtype=np.float32)
             _call("sormtr", b"L", b"U", b"N", n, t, reflectors, n, tau, z, n, work, work.size)  # z ← Q z

@@ -8,30 +8,40 @@ the revision, and nothing is uploaded until the scan has passed the whole checkp
 
 from __future__ import annotations
 
+import itertools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from . import adapters, deltas, deltasvd
+from . import adapters, deltas, deltasvd, ranking
 from .bases import EMA_PREFIX, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
 from .checkpoint import Checkpoint, TensorSpec
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
-from .config import DEFAULT_ENCODING, resolve_device
+from .config import BUDGET_ENCODING, DEFAULT_ENCODING, resolve_device
 from .encodings import ENCODINGS
 from .errors import AmbiguousBase, BaseMismatch, UsageError, check_choice
 from .layers import key_layout
 from .names import validate_name
-from .ranking import FixedTensor, LayerSpectrum, RankRule, allocate, estimate
+from .ranking import (
+    EXPECTED_RATIO, Allocation, FixedTensor, LayerSpectrum, RankRule, allocate, estimate, measured_ratio, trim,
+)
 from .records import Progress, RevisionInfo, SweepRow, numel, quiet
 from .scan import HeldUploads, Scan, Scanned
 
-# Budget pushes spend what zstd saved below the planned bounds in up to this many more rounds,
-# while more than this share of the budget is left.
+# A budget push plans with expected blob sizes, then measures: up to CORRECTION_ROUNDS more
+# rounds trim a plan that overshot or, in the first TOPUP_ROUNDS of them, spend what is left while
+# more than TOPUP_MIN of the budget is; each round re-compresses only the layers it changes.
+CORRECTION_ROUNDS = 4
 TOPUP_ROUNDS = 2
 TOPUP_MIN = 0.01
+# A top-up that would re-compress more than this share of the stored bytes spends its room
+# greedily instead: on a large model a higher floor touches nearly every layer.
+RECOMPRESS_SHARE = 0.25
 
 # Layers decomposed side by side on the CPU, how many more may start past the oldest one still
 # running, and the bytes of tensors they may hold together, as the gate estimates them (high: a
@@ -69,13 +79,15 @@ def push(
     max_error: float | None = None,
     budget: int | str | None = None,
     exact: bool = False,
-    encoding: str = DEFAULT_ENCODING,
+    encoding: str | None = None,
     method: str = "gram",
     device: str = "auto",
     ema: bool = True,
     progress: Progress | None = None,
 ) -> RevisionInfo:
     """Registry.push: see its docstring."""
+    if encoding is None:
+        encoding = BUDGET_ENCODING if budget is not None else DEFAULT_ENCODING
     if subject is not None:
         validate_name(subject)
     check_choice("encoding", encoding, ENCODINGS)
@@ -236,44 +248,21 @@ def _compress(
         done = {s.key: deltas.Stored("base") for s in specs if s not in changed}
         done.update(_compress_to_budget(load, changed, opts, progress, ckpt.updates))
     entries: dict[str, NewEntry] = {}
-    # On the CPU, LANES layers are decomposed side by side (see threads_per_lane). Layers are read
-    # up to COMPRESS_AHEAD past the oldest one still running, so that a lane that finishes a small
-    # layer takes the next one rather than waiting for a large one to be recorded in order; the
-    # memory gate, not the window, keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target).
     lanes = COMPRESS_LANES if device.type == "cpu" else 1
-    gate = MemoryGate(COMPRESS_MEMORY)
 
-    def gated_load(spec: TensorSpec):
-        if unchanged(spec):
-            return spec, None, None, 0
-        # Fine-tune, base, delta and residual in fp32, and the factors being formed: at τ 0.8 they
-        # and their projection hold as much again as one of those.
-        weight = 5 * numel(spec.shape) * 4
-        gate.acquire(weight)
-        try:
-            return (*load(spec, blobs), weight)
-        except BaseException:
-            gate.release(weight)
-            raise
-
-    def compress_one(item) -> tuple[TensorSpec, deltas.Stored]:
-        spec, ft, bt, weight = item
-        try:
-            if ft is None:
-                return spec, deltas.Stored("base")
-            return spec, deltas.compress(
-                ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True, update=ckpt.updates.get(spec.key)
-            )
-        finally:
-            gate.release(weight)
+    def compress_one(spec: TensorSpec, ft: torch.Tensor | None, bt: torch.Tensor | None) -> tuple[TensorSpec, deltas.Stored]:
+        if ft is None:
+            return spec, deltas.Stored("base")
+        return spec, deltas.compress(
+            ft, bt, rule, encoding, method=method, device=device, base_is_scratch=True, update=ckpt.updates.get(spec.key)
+        )
 
     with Scratch() as blobs, Background(workers=4, limit=4) as background, threads_per_lane(lanes):
         uploads = HeldUploads(scan, background)
         for key, stored in done.items():
             entries[key] = _record(reg, scan.specs_by_key[key], stored, scan.digest(key), lease, uploads)
         todo = [s for s in specs if s.key not in done]
-        loaded = prefetch(gated_load, todo, window=1, workers=1)
-        for i, (spec, stored) in enumerate(prefetch(compress_one, loaded, window=lanes + COMPRESS_AHEAD, workers=lanes)):
+        for i, (spec, stored) in enumerate(_side_by_side(lambda spec: load(spec, blobs), compress_one, todo, lanes, skip=unchanged)):
             entries[spec.key] = _record(reg, spec, stored, scan.digest(spec.key), lease, uploads)
             progress("compress", i + 1, len(todo))
         uploads.release()
@@ -281,8 +270,41 @@ def _compress(
     result = [entries[s.key] for s in specs]
     if rule.mode == "budget":
         total = sum({e.blob.digest: e.blob.size for e in result if e.blob}.values())
-        assert total <= rule.value, f"budget planning is an upper bound, yet {total} > {rule.value}"
+        assert total <= rule.value, f"the budget's last plan is by upper bounds, yet {total} > {rule.value}"
     return result
+
+
+def _side_by_side(load, job, specs: list[TensorSpec], lanes: int, skip=None) -> Iterator:
+    """``job(spec, ft, bt)`` for each layer, results in order. On the CPU, ``lanes`` layers are
+    decomposed side by side (the caller splits the threads: see threads_per_lane), and one reader
+    loads them up to COMPRESS_AHEAD past the oldest one still running, so that a lane that finishes
+    a small layer takes the next one rather than waiting for a large one to be taken in order; the
+    memory gate, not the window, keeps what they hold to COMPRESS_MEMORY (the 1.5 GB target).
+    A layer that ``skip`` names is not read: its job gets None for both tensors."""
+    gate = MemoryGate(COMPRESS_MEMORY)
+
+    def gated_load(spec: TensorSpec):
+        if skip is not None and skip(spec):
+            return spec, None, None, 0
+        # Fine-tune, base, delta and residual in fp32, and the factors being formed: at τ 0.8 they
+        # and their projection hold as much again as one of those.
+        weight = 5 * numel(spec.shape) * 4
+        gate.acquire(weight)
+        try:
+            return (*load(spec), weight)
+        except BaseException:
+            gate.release(weight)
+            raise
+
+    def one(item):
+        spec, ft, bt, weight = item
+        try:
+            return job(spec, ft, bt)
+        finally:
+            gate.release(weight)
+
+    loaded = prefetch(gated_load, specs, window=1, workers=1)
+    yield from prefetch(one, loaded, window=lanes + COMPRESS_AHEAD, workers=lanes)
 
 
 def _compress_to_budget(
@@ -291,22 +313,66 @@ def _compress_to_budget(
     """A budget push, before anything is uploaded (what it keeps in memory is budget-sized).
 
     Pass one stores what has no rank (1-D deltas, integer tensors) and takes every 2-D delta's
-    spectrum; the rest of the budget is allocated by upper bounds and the layers compressed.
-    zstd then usually leaves some of the budget unspent: up to TOPUP_ROUNDS more rounds give it
-    to the layers that gain most, re-compressing only those, each round still within bounds.
+    spectrum. The rest of the budget is planned with expected blob sizes and the layers are
+    compressed once. Then, up to CORRECTION_ROUNDS times, the blobs are measured: a plan that
+    overshot loses the directions its floor took last, one that left room is topped up (in the
+    first TOPUP_ROUNDS) under the same criterion, each layer now priced at what zstd left of its
+    own tensor bytes, and only the layers whose allocation changed are compressed again. Should
+    the rounds still end over budget, the plan is made again by upper bounds alone, which cannot
+    overshoot.
+    Both passes decompose COMPRESS_LANES layers side by side, as an energy push does.
     """
     rule, encoding, method, device = opts.rule, opts.encoding, opts.method, opts.device
+    lanes = COMPRESS_LANES if device.type == "cpu" else 1
     stored: dict[str, deltas.Stored] = {}
-    layers = []
-    for i, (spec, ft, bt) in enumerate(prefetch(load, changed, window=2, workers=2)):
-        s = deltas.survey(ft.to(device), None if bt is None else bt.to(device), method, updates.get(spec.key))
-        if s is None:
+    spectra: dict[str, torch.Tensor] = {}
+    # Each layer's decomposition waits on disk between the survey and its compression (the fp32
+    # reflectors: half the bytes of the Grams), so that no layer's Gram is formed and reduced twice.
+    reductions = tempfile.TemporaryDirectory(prefix="dsreg-budget-")
+    kept: dict[str, Path] = {}
+    names = itertools.count()
+
+    def survey(spec: TensorSpec, ft: torch.Tensor, bt: torch.Tensor | None) -> None:
+        found = deltas.survey(ft.to(device), None if bt is None else bt.to(device), method, updates.get(spec.key), keep=True)
+        if found is not None:
+            spectra[spec.key] = found[0].cpu()
+            if found[1] is not None:
+                path = Path(reductions.name) / f"{next(names)}.npz"
+                found[1].save(path)
+                kept[spec.key] = path
+        else:
             # A tensor that gained rows has no spectrum to plan with: stored losslessly, at a fixed cost.
             fixed_rule = RankRule("exact") if bt is not None and bt.shape != ft.shape else rule
             stored[spec.key] = deltas.compress(ft, bt, fixed_rule, encoding, method=method, device=device, update=updates.get(spec.key))
-        else:
-            layers.append(LayerSpectrum(spec.key, spec.shape[0], numel(spec.shape) // spec.shape[0], s.cpu()))
-        progress("survey", i + 1, len(changed))
+
+    def side_by_side(job, specs: list[TensorSpec], stage: str) -> None:
+        with threads_per_lane(lanes):
+            for i, _ in enumerate(_side_by_side(load, job, specs, lanes)):
+                progress(stage, i + 1, len(specs))
+
+    def run(plan: dict[str, Allocation], keys: set[str], stage: str) -> None:
+        def one(spec: TensorSpec, ft: torch.Tensor, bt: torch.Tensor | None) -> None:
+            reduction = deltasvd.Reduction.load(kept[spec.key]) if spec.key in kept else None
+            stored[spec.key] = deltas.compress(
+                ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key], update=updates.get(spec.key),
+                reduction=reduction,
+            )
+
+        side_by_side(one, [s for s in changed if s.key in keys], stage)
+
+    try:
+        side_by_side(survey, changed, "survey")
+        return _plan_and_compress(changed, rule, encoding, stored, spectra, run)
+    finally:
+        reductions.cleanup()
+
+
+def _plan_and_compress(changed: list[TensorSpec], rule: RankRule, encoding: str, stored: dict, spectra: dict, run) -> dict[str, deltas.Stored]:
+    """Budget mode's plan and its correction rounds (see _compress_to_budget); ``run(plan, keys,
+    stage)`` compresses the layers ``keys`` into ``stored``."""
+    layers = [
+        LayerSpectrum(s.key, s.shape[0], numel(s.shape) // s.shape[0], spectra[s.key]) for s in changed if s.key in spectra
+    ]
     fixed = sum({st.digest: len(st.data) for st in stored.values() if st.data is not None}.values())
     if fixed > rule.value:
         raise UsageError(
@@ -314,24 +380,38 @@ def _compress_to_budget(
             "(1-D deltas, integer tensors) take on their own; raise the budget"
         )
     room = int(rule.value) - fixed
+
+    def paid() -> dict[str, int]:
+        return {layer.key: len(stored[layer.key].data or b"") for layer in layers}
+
     plan = allocate(layers, room, encoding)
-    todo = {layer.key for layer in layers}
-    for _ in range(1 + TOPUP_ROUNDS):
-        specs = [s for s in changed if s.key in todo]
-        for i, (spec, ft, bt) in enumerate(prefetch(load, specs, window=2, workers=2)):
-            stored[spec.key] = deltas.compress(
-                ft, bt, rule, encoding, method=method, device=device, allocation=plan[spec.key], update=updates.get(spec.key)
-            )
-            progress("compress", i + 1, len(specs))
-        paid = {layer.key: len(stored[layer.key].data or b"") for layer in layers}
-        left = room - sum(paid.values())
-        if left < TOPUP_MIN * rule.value:
+    run(plan, {layer.key for layer in layers}, "compress")
+    for round_ in range(CORRECTION_ROUNDS):
+        now = paid()
+        left = room - sum(now.values())
+        # Each layer stored as factors is priced from here on at what zstd left of its own bytes.
+        expected = EXPECTED_RATIO.get(encoding, 1.0)
+        ratio = {}
+        for layer in layers:
+            measured = measured_ratio(layer, plan[layer.key], now[layer.key], encoding) if stored[layer.key].kind == "lowrank" else None
+            ratio[layer.key] = expected if measured is None else measured
+        if left < 0:
+            new = trim(layers, plan, now, -left, encoding, ratio)
+        elif left >= TOPUP_MIN * rule.value and round_ < TOPUP_ROUNDS:
+            new = allocate(layers, left, encoding, start=plan, paid=now, ratio=ratio)
+            if sum(now[k] for k in new if new[k] != plan[k]) > RECOMPRESS_SHARE * sum(now.values()):
+                # Raising the floor would compress most of the model again: spend the room greedily.
+                new = allocate(layers, left, encoding, start=plan, paid=now, ratio=ratio, criterion=ranking.greedy_part())
+        else:
             break
-        topped = allocate(layers, left, encoding, start=plan, paid=paid)
-        todo = {key for key in topped if topped[key] != plan[key]}
+        todo = {key for key in new if new[key] != plan[key]}
         if not todo:
             break
-        plan = topped
+        run(new, todo, "correct")
+        plan = new
+    if sum(paid().values()) > room:
+        plan = allocate(layers, room, encoding, ratio=1.0)
+        run(plan, {layer.key for layer in layers}, "compress")
     return stored
 
 

@@ -101,7 +101,7 @@ class Registry:
         max_error: float | None = None,
         budget: int | str | None = None,
         exact: bool = False,
-        encoding: str = DEFAULT_ENCODING,
+        encoding: str | None = None,
         method: str = "gram",
         device: str = "auto",
         ema: bool = True,
@@ -117,6 +117,9 @@ class Registry:
         ``path`` may also be an adapter file (kohya/LyCORIS LoRA and LoCon, diffusers/peft LoRA;
         docs/adapters.md): it is stored as its base with the adapter merged, its LoRA factors
         decomposed as given, at ``energy=1`` (its whole rank) unless a rule is named.
+
+        ``encoding`` (:data:`config.ENCODINGS`): how factors are stored; fp16 by default, mixed
+        int8/int4 under a ``budget``.
         """
         from . import push
 

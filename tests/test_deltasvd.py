@@ -191,3 +191,19 @@ def test_chunked_gram_keeps_the_exact_ranks_of_a_rank_deficient_delta(monkeypatc
         spectrum = deltasvd.Spectrum(delta)
         assert deltasvd.energy_rank(spectrum.s, tau) == deltasvd.energy_rank(s, tau)
         assert float(spectrum.s[24:].sum()) < 1e-6 * float(s.sum())
+
+
+def test_a_kept_reduction_cuts_the_same_factors_without_the_gram(models, tmp_path, monkeypatch):
+    """A budget push decomposes each layer once: the survey keeps its reduction on disk, and the
+    compression cuts factors from it; they are the factors of a fresh decomposition, bit for bit."""
+    key = max((k for k, v in models.ft_sd.items() if v.dim() >= 2), key=lambda k: models.ft_sd[k].numel())
+    delta = models.ft_sd[key] - models.base_sd[key]
+    fresh = deltasvd.Spectrum(delta)
+    fresh.reduction().save(tmp_path / "r.npz")
+    monkeypatch.setattr(deltasvd, "_gram", lambda *_: pytest.fail("the Gram was formed again"))
+    resumed = deltasvd.Spectrum(delta, reduction=deltasvd.Reduction.load(tmp_path / "r.npz"))
+    assert torch.equal(resumed.s, fresh.s) and torch.equal(resumed.s_low, fresh.s_low)
+    t = fresh.rank("energy", 0.5)
+    for x, y in zip(resumed.factors(t), fresh.factors(t)):
+        assert torch.equal(x, y)
+    assert deltasvd.Spectrum(delta, "svd").reduction() is None  # only the Gram path has one
