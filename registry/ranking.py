@@ -273,8 +273,10 @@ class _Plan:
 
     def floor(self, budget: float) -> None:
         """The paper's rule at the largest τ whose plan fits: bisection on τ, every layer's rank by its
-        own energy share and, for ``mixed``, its 8-bit count as the rule would choose it. A layer
-        never falls below where it stood."""
+        own energy share and, for ``mixed``, its 8-bit count as the rule would choose it, or all of
+        them at 8 bits where that costs no more: a short 4-bit tail's four tensor headers can cost
+        more than widening it, and without this a higher τ could cost less than a lower one, and
+        the bisection miss a τ that fits. A layer never falls below where it stood."""
         before = dict(self.state)
 
         def at(tau: float) -> dict[str, Allocation]:
@@ -282,6 +284,8 @@ class _Plan:
             for layer in self.layers:
                 t = deltasvd.energy_rank(layer.singular_values, tau) if tau > 0 else 0
                 a = Allocation(t, encodings.leading_directions(layer.singular_values, t, self.encoding))
+                if a.wide < t and self.cost(layer, Allocation(t, t)) <= self.cost(layer, a):
+                    a = Allocation(t, t)
                 now = before[layer.key]
                 out[layer.key] = a if (a.rank, a.wide) > (now.rank, now.wide) else now
             return out

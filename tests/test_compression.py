@@ -116,7 +116,7 @@ def test_every_budget_criterion_keeps_within_the_budget(criterion, encoding):
         allocate(layers, 1_000, encoding, criterion="largest")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), tau=st.floats(0.05, 0.95), encoding=st.sampled_from(["fp16", "int8", "mixed"]))
 def test_the_floor_keeps_every_layer_at_least_at_an_energy_rule_that_fits(seed, tau, encoding):
     """Planned by bounds, a budget of what an --energy rule's plan costs keeps at least that
