@@ -52,6 +52,7 @@ def test_more_budget_keeps_more_and_errs_less(reg_base, models, tmp_path):
     assert errors[0] > errors[1] > errors[2]
 
 
+@pytest.mark.parametrize("engine", ["local"], indirect=True)  # a property of the plan, not of the storage
 def test_a_budget_is_never_worse_than_the_best_energy_rule_that_fits_it(reg_base, models, tmp_path):
     """Budget dominance on a small real fine-tune, as bench/quality.py --real measures it: at
     fractions of the paper's bytes, a --budget push (mixed) errs no more, on the model's outputs,
