@@ -148,9 +148,9 @@ class Spectrum:
 
     def reduction(self) -> Reduction | None:
         """What :class:`Reduction` keeps of this decomposition; None off the CPU Gram path."""
-        tridiagonal = getattr(getattr(self, "_eigen", None), "_tridiagonal", None)
-        if self.method != "gram" or tridiagonal is None:
+        if self.method != "gram" or self._eigen._tridiagonal is None:  # an fp64 SVD took over, or a GPU's eigh
             return None
+        tridiagonal = self._eigen._tridiagonal
         return Reduction(tridiagonal.values, tridiagonal.single(), self._rounding)
 
     def rank(self, mode: str, value: float) -> int:

@@ -226,8 +226,7 @@ def allocate(
     criterion = criterion or BUDGET_CRITERION
     if criterion not in CRITERIA:
         raise ValueError(f"unknown budget criterion {criterion!r}")
-    floor = criterion.startswith("tau")
-    by = criterion.partition("+")[2] if floor else criterion
+    floor, by = _parts(criterion)
     plan = _Plan(layers, encoding, start or {}, paid or {}, ratio)
     if floor:
         plan.floor(budget)
@@ -239,7 +238,13 @@ def allocate(
 def greedy_part(criterion: str | None = None) -> str:
     """What of ``criterion`` spends room without a floor (``tau+X``: X; ``tau`` has only its floor)."""
     criterion = criterion or BUDGET_CRITERION
-    return criterion.partition("+")[2] or criterion
+    return _parts(criterion)[1] or criterion
+
+
+def _parts(criterion: str) -> tuple[bool, str]:
+    """Whether ``criterion`` starts with the floor, and the greedy criterion after it ("" for none)."""
+    floor = criterion.startswith("tau")
+    return floor, criterion.partition("+")[2] if floor else criterion
 
 
 class _Plan:
@@ -367,14 +372,19 @@ def trim(
     state = _Plan(layers, encoding, plan, paid, ratio)
     heap: list[tuple[float, int, int, float, Allocation]] = []
     offers = itertools.count()
+    # levels[key][t]: the energy share of a layer's first t directions
+    levels = {}
+    for layer in layers:
+        s = layer.singular_values.double().clamp_min(0)
+        total = float(s.sum())
+        levels[layer.key] = torch.cat([s.new_zeros(1), torch.cumsum(s, 0) / total]) if total > 0 else s.new_zeros(s.numel() + 1)
 
     def offer(i: int) -> None:
         layer = layers[i]
         a = state.state[layer.key]
         if a.rank == 0:
             return
-        s = layer.singular_values.double().clamp_min(0)
-        level = float(s[: a.rank - 1].sum() / s.sum()) if s.sum() > 0 else 0.0
+        level = float(levels[layer.key][a.rank - 1])
         less = Allocation(a.rank - 1, min(a.wide, a.rank - 1))
         saved = state.cost(layer, a) - state.cost(layer, less)
         heapq.heappush(heap, (-level, i, next(offers), saved, less))
