@@ -367,8 +367,12 @@ def demo(obj: Context, workdir):
 @click.pass_obj
 def rm(obj: Context, ref, force):
     """Remove SUBJECT@REV, or every revision of SUBJECT, from the catalog (gc frees the bytes)."""
-    removed = obj.registry().rm(ref, force=force)
+    reg = obj.registry()
+    removed = reg.rm(ref, force=force)
     click.echo(f"removed {', '.join(r.ref for r in removed)}; run `dsreg gc` to free the space")
+    subject = removed[0].subject
+    if not reg.revisions(subject):
+        click.echo(f"{subject} has no revisions now; its numbers are never given out again (a push continues after them)")
 
 
 @cli.group()

@@ -564,8 +564,9 @@ class Catalog:
         )
         return (auto_number(name) or 0) if name else 0
 
-    def _subject_row(self, s: Session, name: str) -> SubjectRow:
-        row = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name))
+    def _subject_row(self, s: Session, name: str, lock: bool = False) -> SubjectRow:
+        q = sa.select(SubjectRow).where(SubjectRow.name == name)
+        row = s.scalar(q.with_for_update() if lock else q)
         if row is None:
             raise SubjectNotFound(f"no subject named {name!r}; `dsreg ls` lists them")
         return row
@@ -575,18 +576,19 @@ class Catalog:
         number = ref.revision if ref.revision is not None else subject.latest
         row = s.scalar(sa.select(RevisionRow).where(RevisionRow.subject_id == subject.id, RevisionRow.number == number))
         if row is None:
-            if ref.revision is None:
-                raise RevisionNotFound(f"subject {ref.subject!r} has no revisions left")
-            raise RevisionNotFound(f"subject {ref.subject!r} has no revision {number} (latest is {subject.latest})")
+            raise RevisionNotFound(_no_revision(ref, subject))
         return subject, row
 
     def remove(self, ref: Ref, force: bool = False) -> list[RevisionInfo]:
         """Remove one revision, or all of a subject's; their blobs stay until gc. A tagged revision
         is removed only with ``force``, as retention policies never remove one."""
         with self.session(lock="shared") as s:
-            subject = self._subject_row(s, ref.subject)
+            # Locked as a push locks it, so that the latest number this sets cannot undo a push's.
+            subject = self._subject_row(s, ref.subject, lock=True)
             if ref.revision is None:
                 revs = list(s.scalars(sa.select(RevisionRow).where(RevisionRow.subject_id == subject.id).order_by(RevisionRow.number)))
+                if not revs:
+                    raise RevisionNotFound(_no_revision(ref, subject))
             else:
                 revs = [self._revision_row(s, ref)[1]]
             removed = [self._revision_info(s, r, subject.name) for r in revs]
@@ -605,7 +607,7 @@ class Catalog:
             for name, number in refs:
                 by_subject.setdefault(name, []).append(number)
             for name, numbers in by_subject.items():
-                subject = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name))
+                subject = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name).with_for_update())
                 if subject is None:
                     continue
                 ids = list(s.scalars(sa.select(RevisionRow.id).where(RevisionRow.subject_id == subject.id, RevisionRow.number.in_(numbers))))
@@ -619,12 +621,11 @@ class Catalog:
             s.execute(sa.delete(TagRow).where(TagRow.revision_id.in_(chunk)))
             s.execute(sa.delete(EntryRow).where(EntryRow.revision_id.in_(chunk)))
             s.execute(sa.delete(RevisionRow).where(RevisionRow.id.in_(chunk)))
+        # The subject row stays when its last revision goes (a tombstone, latest 0): its counter is
+        # what keeps a pinned SUBJECT@REV from ever naming other weights, and what keeps an
+        # auto-named subject-N from coming back with another meaning.
         remaining = s.scalar(sa.select(sa.func.max(RevisionRow.number)).where(RevisionRow.subject_id == subject.id))
-        if remaining is None:
-            s.execute(sa.delete(TagRow).where(TagRow.subject_id == subject.id))
-            s.execute(sa.delete(SubjectRow).where(SubjectRow.id == subject.id))
-        else:
-            s.execute(sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(latest=remaining))
+        s.execute(sa.update(SubjectRow).where(SubjectRow.id == subject.id).values(latest=remaining or 0))
 
     # ------------------------------------------------------------ retention policies
 
@@ -786,7 +787,7 @@ class Catalog:
     def stats(self) -> Stats:
         with self.session() as s:
             n_bases = s.scalar(sa.select(sa.func.count()).select_from(BaseRow))
-            n_subjects = s.scalar(sa.select(sa.func.count()).select_from(SubjectRow))
+            n_subjects = s.scalar(sa.select(sa.func.count()).select_from(SubjectRow).where(SubjectRow.latest > 0))
             n_revisions, original = s.execute(
                 sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(RevisionRow.original_bytes), 0))
             ).one()
@@ -808,6 +809,17 @@ def _revision_record(row: RevisionRow, subject: str, base: str, tags: tuple[str,
         kept_params=row.kept_params, n_tensors=row.n_tensors, n_changed=row.n_changed,
         source_digest=row.source_digest, source_format=row.source_format, tags=tags,
     )
+
+
+def _no_revision(ref: Ref, subject: SubjectRow) -> str:
+    if subject.latest == 0:
+        return (
+            f"subject {ref.subject!r} has no revisions: all {subject.counter} were removed "
+            f"(a push continues at {subject.counter + 1})"
+        )
+    if ref.revision is not None and ref.revision <= subject.counter:
+        return f"subject {ref.subject!r} has no revision {ref.revision} any more: it was removed (latest is {subject.latest})"
+    return f"subject {ref.subject!r} has no revision {ref.revision} (latest is {subject.latest})"
 
 
 def _like_pattern(pattern: str, prefix: bool = True) -> str:

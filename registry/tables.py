@@ -70,8 +70,8 @@ class SubjectRow(Model):
     __tablename__ = "subjects"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    # The newest existing revision number (0 until the first revision commits; a subject whose
-    # last revision is removed is deleted).
+    # The newest existing revision number: 0 until the first revision commits, and again once
+    # every revision is removed (the row stays, a tombstone that keeps its counter).
     latest: Mapped[int] = mapped_column(sa.Integer, default=0)
     # Revision numbers handed out so far: bumped in the push's transaction, which serializes
     # concurrent pushes to one subject on the row lock and keeps numbers gap-free. Removing a

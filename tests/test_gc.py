@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from dsreg.cli.main import cli
-from dsreg import Conflict, Registry
+from dsreg import Conflict, Registry, RevisionNotFound, SubjectNotFound
 from dsreg.gc import single_gc
 
 from .conftest import snapshot, worker_pool
@@ -78,12 +78,75 @@ def test_revision_numbers_are_never_reused(two_revisions, models):
     assert reg.push(models.ft, "s").number == 3
 
 
-def test_removing_a_whole_subject(two_revisions):
+def test_removing_a_whole_subject(two_revisions, models):
     reg, _, _ = two_revisions
     assert [r.ref for r in reg.rm("s")] == ["s@1", "s@2"]
-    assert reg.subjects() == []
+    assert reg.subjects() == [] and reg.stats().n_subjects == 0
     reg.gc(grace=0)
     assert reg.stats().stored_bytes == 0
+    with pytest.raises(RevisionNotFound, match="all 2 were removed"):
+        reg.revision("s")
+    with pytest.raises(RevisionNotFound, match="has no revisions"):
+        reg.rm("s")
+    assert reg.push(models.ft, "s").number == 3  # s@1 and s@2 keep meaning the removed weights
+
+
+def test_a_subject_keeps_its_numbers_when_its_last_revision_goes(reg_base, models, tmp_path):
+    reg = reg_base
+    assert [reg.push(models.ft, "mlp1", energy=tau).number for tau in (0.2, 0.3, 0.4, 0.5)] == [1, 2, 3, 4]
+    reg.rm("mlp1@2")
+    reg.rm("mlp1@4")
+    assert reg.revision("mlp1").number == 3
+    reg.rm("mlp1@3")
+    reg.rm("mlp1@1")  # the last one: the subject has none now, but keeps its counter
+    assert reg.revisions("mlp1") == []
+    reg.gc(grace=0)
+    with pytest.raises(RevisionNotFound, match="removed"):
+        reg.checkout("mlp1@4", tmp_path / "x.safetensors")
+    rev = reg.push(models.base, "mlp1", exact=True)
+    assert rev.number == 5 and [r.number for r in reg.revisions("mlp1")] == [5]
+    with pytest.raises(RevisionNotFound, match="no revision 4 any more"):
+        reg.checkout("mlp1@4", tmp_path / "x.safetensors")
+    assert [s.name for s in reg.subjects()] == ["mlp1"]
+
+
+def test_auto_names_never_come_back(reg_base, models):
+    reg = reg_base
+    first = reg.push(models.ft)
+    assert first.ref == "subject-1@1"
+    reg.rm("subject-1")
+    reg.gc(grace=0)
+    assert reg.push(models.ft).ref == "subject-2@1"
+
+
+def _push_one(args) -> int:
+    catalog, store, home, path = args
+    with Registry.open(catalog, store, home=home) as r:
+        return r.push(path, "race", base="tiny", exact=True, device="cpu").number
+
+
+def test_pushes_racing_rm_never_hand_out_a_number_twice(engine, open_registry, models, tmp_path):
+    """Pushes to one subject in other processes while this one removes every revision it sees."""
+    with open_registry() as reg:
+        reg.add_base(models.base, "tiny")
+        jobs = [(engine.catalog_url, engine.store_url, str(tmp_path / "registry"), str(models.ft))] * 6
+        removed: set[int] = set()
+        with worker_pool(3) as pool:
+            pending = pool.map_async(_push_one, jobs)
+            while not pending.ready():
+                try:
+                    removed.update(r.number for r in reg.rm("race"))
+                except (SubjectNotFound, RevisionNotFound):
+                    pass
+                time.sleep(0.05)
+            numbers = pending.get()
+        left = reg.revisions("race")
+        assert sorted(numbers) == [1, 2, 3, 4, 5, 6] and removed | {r.number for r in left} == set(numbers)
+        if left:
+            reg.rm("race")
+        reg.gc(grace=0)
+        assert reg.push(models.ft, "race", exact=True).number == 7
+        assert reg.verify(full=True).ok
 
 
 def test_retention_keep_last_and_tags(reg_base, models):
