@@ -326,6 +326,39 @@ def tag(obj: Context, ref, name):
 
 
 @cli.command()
+@click.argument("subject")
+@click.argument("name")
+@click.pass_obj
+def untag(obj: Context, subject, name):
+    """Remove the tag NAME from SUBJECT."""
+    rev = obj.registry().untag(subject, name)
+    click.echo(f"{rev.ref} untagged {name}")
+
+
+@cli.command("log")
+@click.argument("subject", required=False)
+@click.option("--since", type=click.DateTime(), help="Only changes at or after this time.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--action", help="Only this action (push, rm, tag, untag, expire, base.add, base.rm, policy.set, policy.rm, gc, repair, ...).")
+@click.option("--base", "base_name", help="Only changes to this base.")
+@json_option
+@click.pass_obj
+def log_command(obj: Context, subject, since, limit, action, base_name, as_json):
+    """The audit log, newest first: who changed what, and when (of SUBJECT only, if given)."""
+    if since is not None and since.tzinfo is None:
+        since = since.astimezone(timezone.utc)
+    events = obj.registry().events(subject, since=since, limit=limit, action=action, base=base_name)
+    if as_json:
+        return echo_json(events)
+    rows = [
+        [e.at.astimezone().strftime("%Y-%m-%d %H:%M:%S"), e.actor, e.action, e.ref or e.base or "-",
+         " ".join(f"{k}={v}" for k, v in e.details.items() if v not in (None, [], ""))]
+        for e in events
+    ]
+    click.echo(table(["time", "actor", "action", "what", "details"], rows))
+
+
+@cli.command()
 @json_option
 @click.pass_obj
 def stats(obj: Context, as_json):

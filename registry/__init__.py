@@ -19,7 +19,7 @@ from .errors import (
     UsageError,
 )
 from .records import (
-    BaseInfo, CheckoutResult, GcReport, LoraExport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
+    BaseInfo, CheckoutResult, Event, GcReport, LoraExport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
     SweepRow, VerifyReport,
 )
 from .registry import Registry
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Registry", "RankRule", "Applied", "SweepRow",
-    "BaseInfo", "CheckoutResult", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
+    "BaseInfo", "CheckoutResult", "Event", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
     "IntegrityError", "StoreError", "OutputError",

@@ -23,13 +23,13 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError, ProgrammingError, InterfaceError
 from sqlalchemy.orm import Session
 
-from .config import redact
+from .config import default_actor, redact
 from .errors import BaseNotFound, Conflict, NotFound, RevisionNotFound, StoreError, SubjectNotFound, first_line
 from .names import AUTO_PREFIX, Ref, auto_number
-from .records import BaseInfo, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
+from .records import BaseInfo, Event, PolicyInfo, RevisionInfo, Stats, SubjectInfo, TensorInfo, kept_params, numel
 from .tables import (
-    WRITE_LOCK, BaseRow, BaseTensorRow, BlobRow, DerivedRow, EntryRow, LeaseBlobRow, LeaseRow, PolicyRow, RevisionRow, SubjectRow, TagRow,
-    utcnow,
+    WRITE_LOCK, BaseRow, BaseTensorRow, BlobRow, DerivedRow, EntryRow, EventRow, LeaseBlobRow, LeaseRow, PolicyRow, RevisionRow, SubjectRow,
+    TagRow, utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,13 @@ def create_engine(url: str) -> Engine:
 
 
 class Catalog:
-    def __init__(self, engine: Engine, url: str):
+    def __init__(self, engine: Engine, url: str, actor: str | None = None):
         self.engine = engine
         self.url = url
+        self.actor = actor or default_actor()  # who the audit log names for this catalog's changes
 
     @classmethod
-    def open(cls, url: str) -> "Catalog":
+    def open(cls, url: str, actor: str | None = None) -> "Catalog":
         from .migrate import upgrade
 
         engine = create_engine(url)
@@ -199,7 +200,7 @@ class Catalog:
         except (OperationalError, InterfaceError, ProgrammingError) as exc:
             engine.dispose()
             raise StoreError(f"cannot open catalog {redact(url)}: {_db_message(exc)}") from None
-        return cls(engine, url)
+        return cls(engine, url, actor)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -219,6 +220,41 @@ class Catalog:
                 yield session
         except (OperationalError, InterfaceError) as exc:
             raise StoreError(f"catalog {redact(self.url)}: {_db_message(exc)}") from None
+
+    # ------------------------------------------------------------ the audit log
+
+    def _event(self, s: Session, action: str, subject: str | None = None, revision: int | None = None, base: str | None = None, **details) -> None:
+        """Append an event to the transaction ``s``: it commits with the change it records, or not at all."""
+        s.add(EventRow(
+            at=utcnow(), actor=self.actor, action=action, subject=subject, revision=revision, base=base,
+            details=json.dumps(details, sort_keys=True, default=str),
+        ))
+
+    def record(self, action: str, **details) -> None:
+        """An event of its own (a gc round's counts): for changes made over many transactions."""
+        with self.session() as s:
+            self._event(s, action, **details)
+
+    def events(
+        self, subject: str | None = None, since: datetime | None = None, limit: int | None = None, action: str | None = None,
+        base: str | None = None,
+    ) -> list[Event]:
+        q = sa.select(EventRow).order_by(EventRow.id.desc())
+        if subject is not None:
+            q = q.where(EventRow.subject == subject)
+        if since is not None:
+            q = q.where(EventRow.at >= since)
+        if action is not None:
+            q = q.where(EventRow.action == action)
+        if base is not None:
+            q = q.where(EventRow.base == base)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            return [
+                Event(r.id, _aware(r.at), r.actor, r.action, r.subject, r.revision, r.base, json.loads(r.details))
+                for r in s.scalars(q)
+            ]
 
     # ------------------------------------------------------------ leases
 
@@ -407,6 +443,7 @@ class Catalog:
             )
             if lease_id:
                 self._delete_lease(s, lease_id)
+            self._event(s, "base.add", base=name, digest=digest, n_tensors=len(tensors), nbytes=nbytes)
             return self._base_info(row)
 
     def remove_base(self, name: str) -> BaseInfo:
@@ -431,6 +468,7 @@ class Catalog:
             # What was derived from tensors that no base holds any more goes with them (gc takes the blobs).
             s.execute(sa.delete(DerivedRow).where(~sa.exists().where(BaseTensorRow.tensor_digest == DerivedRow.tensor_digest)))
             s.delete(row)
+            self._event(s, "base.rm", base=name, digest=row.digest)
             return self._base_info(row)
 
     def base_by_name(self, name: str) -> BaseInfo:
@@ -519,7 +557,13 @@ class Catalog:
             s.flush()
             if lease_id:
                 self._delete_lease(s, lease_id)
-            return self._revision_info(s, revision, subject.name)
+            info = self._revision_info(s, revision, subject.name)
+            self._event(
+                s, "push", subject.name, number, info.base, rank_rule=info.rank_rule, encoding=info.encoding,
+                original_bytes=info.original_bytes, stored_bytes=info.stored_bytes, source_digest=info.source_digest,
+                source_format=info.source_format,
+            )
+            return info
 
     def _subject_for_push(self, s: Session, name: str | None) -> SubjectRow:
         if name is not None:
@@ -597,10 +641,13 @@ class Catalog:
                 listed = ", ".join(f"{r.ref} ({', '.join(r.tags)})" for r in tagged[:3])
                 raise Conflict(f"{listed} {'is' if len(tagged) == 1 else 'are'} tagged; untag first, or remove anyway with --force")
             self._delete_revisions(s, subject, [r.id for r in revs])
+            for r in removed:
+                self._event(s, "rm", r.subject, r.number, r.base, tags=list(r.tags), forced=bool(r.tags))
             return removed
 
-    def remove_revisions(self, refs: Sequence[tuple[str, int]]) -> int:
-        """Remove the given (subject, number) pairs that still exist; returns how many were removed."""
+    def remove_revisions(self, refs: Sequence[tuple[str, int]], why: dict | None = None) -> int:
+        """Remove the given (subject, number) pairs that still exist (gc's retention: each logged as
+        ``expire`` with ``why``); returns how many were removed."""
         removed = 0
         with self.session(lock="shared") as s:
             by_subject: dict[str, list[int]] = {}
@@ -610,9 +657,13 @@ class Catalog:
                 subject = s.scalar(sa.select(SubjectRow).where(SubjectRow.name == name).with_for_update())
                 if subject is None:
                     continue
-                ids = list(s.scalars(sa.select(RevisionRow.id).where(RevisionRow.subject_id == subject.id, RevisionRow.number.in_(numbers))))
-                self._delete_revisions(s, subject, ids)
-                removed += len(ids)
+                gone = s.execute(
+                    sa.select(RevisionRow.id, RevisionRow.number).where(RevisionRow.subject_id == subject.id, RevisionRow.number.in_(numbers))
+                ).all()
+                self._delete_revisions(s, subject, [rid for rid, _ in gone])
+                for _, number in sorted(gone, key=lambda g: g[1]):
+                    self._event(s, "expire", name, number, **(why or {}))
+                removed += len(gone)
         return removed
 
     @staticmethod
@@ -635,6 +686,7 @@ class Catalog:
             row.pattern, row.keep_last, row.max_age_seconds = pattern, keep_last, max_age_seconds
             s.add(row)
             s.flush()
+            self._event(s, "policy.set", policy=name, pattern=pattern, keep_last=keep_last, max_age_seconds=max_age_seconds)
             return _policy_info(row)
 
     def policies(self) -> list[PolicyInfo]:
@@ -646,6 +698,7 @@ class Catalog:
             if s.get(PolicyRow, name) is None:
                 raise NotFound(f"no retention policy named {name!r}; `dsreg policy ls` lists them")
             s.execute(sa.delete(PolicyRow).where(PolicyRow.name == name))
+            self._event(s, "policy.rm", policy=name)
 
     def retention_view(self, pattern: str) -> list[tuple[str, int, datetime, bool]]:
         """(subject, number, created_at, tagged) of every revision of the subjects matching ``pattern``."""
@@ -704,12 +757,28 @@ class Catalog:
         with self.session() as s:
             subject, row = self._revision_row(s, ref)
             tag = s.get(TagRow, (subject.id, name))
+            moved_from = None
             if tag is None:
                 s.add(TagRow(subject_id=subject.id, name=name, revision_id=row.id))
             else:
+                moved_from = s.scalar(sa.select(RevisionRow.number).where(RevisionRow.id == tag.revision_id))
                 tag.revision_id = row.id
             s.flush()
+            if moved_from != row.number:
+                self._event(s, "tag", subject.name, row.number, tag=name, moved_from=moved_from)
             return self._revision_info(s, row, subject.name)
+
+    def untag(self, subject: str, name: str) -> RevisionInfo:
+        with self.session() as s:
+            row = self._subject_row(s, subject)
+            tag = s.get(TagRow, (row.id, name))
+            if tag is None:
+                raise NotFound(f"subject {subject!r} has no tag {name!r}")
+            revision = s.get(RevisionRow, tag.revision_id)
+            s.delete(tag)
+            s.flush()
+            self._event(s, "untag", row.name, revision.number, tag=name)
+            return self._revision_info(s, revision, row.name)
 
     def _revision_info(self, s: Session, row: RevisionRow, subject: str) -> RevisionInfo:
         base = s.scalar(sa.select(BaseRow.name).where(BaseRow.id == row.base_id))

@@ -19,6 +19,7 @@ ENV_STORE_OPTIONS = "DSREG_STORE_OPTIONS"
 ENV_S3_ENDPOINT = "DSREG_S3_ENDPOINT_URL"
 ENV_LEASE_TTL = "DSREG_LEASE_TTL"
 ENV_FACTOR_CACHE = "DSREG_FACTOR_CACHE"
+ENV_ACTOR = "DSREG_ACTOR"
 
 DEFAULT_ENERGY = 0.5
 DEFAULT_ENCODING = "fp16"
@@ -48,6 +49,7 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     lease_ttl: float = DEFAULT_LEASE_TTL
     factor_cache: int = DEFAULT_FACTOR_CACHE
+    actor: str = "unknown"
 
     @property
     def journal(self) -> Path:
@@ -77,7 +79,23 @@ class Settings:
             cache_size=parse_size(os.environ.get(ENV_CACHE_SIZE) or DEFAULT_CACHE_SIZE),
             lease_ttl=parse_duration(os.environ.get(ENV_LEASE_TTL) or str(DEFAULT_LEASE_TTL)),
             factor_cache=parse_size(factor_cache if factor_cache is not None else os.environ.get(ENV_FACTOR_CACHE) or DEFAULT_FACTOR_CACHE),
+            actor=default_actor(),
         )
+
+
+def default_actor() -> str:
+    """Who the audit log names for this process's changes: DSREG_ACTOR, else user@host."""
+    import getpass
+    import socket
+
+    actor = os.environ.get(ENV_ACTOR)
+    if actor:
+        return actor[:256]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's bare uid)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"[:256]
 
 
 def _env_store_options(store_url: str) -> dict:

@@ -104,9 +104,10 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
     """Apply retention, then delete every stored object nothing references, older than ``grace`` seconds."""
     with single_gc(catalog):
         now = datetime.now(timezone.utc)
-        expired = expired_by_policies(catalog, catalog.policies(), now)
+        policies = catalog.policies()
+        expired = expired_by_policies(catalog, policies, now)
         if expired and not dry_run:
-            catalog.remove_revisions(expired)
+            catalog.remove_revisions(expired, why={"by": "gc", "policies": [p.name for p in policies]})
         expired_leases = 0 if dry_run else catalog.drop_expired_leases() + catalog.drop_leases(dead_writers(catalog.live_leases()))
         cutoff = now - timedelta(seconds=grace)
         old, young = [], 0
@@ -140,6 +141,11 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
                 stale = catalog.unreferenced_blob_rows(s, cutoff)
                 _, claimed = catalog.claims(s, stale)
                 catalog.forget_blobs(s, [d for d in stale if d not in claimed])
+        if not dry_run and (expired or removed or expired_leases):
+            catalog.record(
+                "gc", expired=len(expired), removed_objects=removed, removed_bytes=removed_bytes, expired_leases=expired_leases,
+                grace_seconds=grace,
+            )
         log.info(
             "gc%s: %d revisions expired, %d objects (%d bytes) removed, %d kept for writes in progress",
             " (dry run)" if dry_run else "", len(expired), removed, removed_bytes, leased,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -233,3 +233,27 @@ class SweepRow:
     @property
     def ratio(self) -> float:
         return _ratio(self.original_bytes, self.stored_bytes)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change recorded in the audit log (``dsreg log``), in the transaction that made it.
+
+    ``action``: base.add, base.rm, base.repair, push, rm, expire (by a retention policy in gc), tag,
+    untag, policy.set, policy.rm, gc, repair. ``details`` holds what else the action records.
+    """
+
+    id: int
+    at: datetime
+    actor: str  # DSREG_ACTOR, else user@host of the process that made the change
+    action: str
+    subject: str | None = None
+    revision: int | None = None
+    base: str | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str | None:
+        if self.subject is None:
+            return None
+        return self.subject if self.revision is None else f"{self.subject}@{self.revision}"

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .layers import layer_group, layer_type, summarize
 from .names import Ref, as_ref, validate_name
 from .records import (
-    BaseInfo, CheckoutResult, GcReport, LoraExport, PolicyInfo, Progress, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow,
+    BaseInfo, CheckoutResult, Event, GcReport, LoraExport, PolicyInfo, Progress, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow,
     VerifyReport,
 )
 
@@ -67,7 +67,7 @@ class Registry:
         """
         settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options, factor_cache=factor_cache)
         blob_store = BlobStore(settings.store_url, **settings.store_options)
-        return cls(Catalog.open(settings.catalog_url), blob_store, settings)
+        return cls(Catalog.open(settings.catalog_url, settings.actor), blob_store, settings)
 
     def close(self) -> None:
         self.catalog.close()
@@ -267,8 +267,23 @@ class Registry:
         validate_name(name, "tag")
         return self.catalog.tag(as_ref(ref), name)
 
+    def untag(self, subject: str, name: str) -> RevisionInfo:
+        """Remove a subject's tag; returns the revision that carried it."""
+        validate_name(subject)
+        validate_name(name, "tag")
+        return self.catalog.untag(subject, name)
+
     def stats(self) -> Stats:
         return self.catalog.stats()
+
+    def events(
+        self, subject: str | None = None, *, since: datetime | None = None, limit: int | None = None, action: str | None = None,
+        base: str | None = None,
+    ) -> list[Event]:
+        """The audit log, newest first: every change with its time, actor and details (see :class:`Event`)."""
+        if subject is not None:
+            validate_name(subject)
+        return self.catalog.events(subject=subject, since=since, limit=limit, action=action, base=base)
 
     # ------------------------------------------------------------ removal, retention, gc, verify
 

@@ -161,3 +161,18 @@ class DerivedRow(Model):
     tensor_digest: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
     blob_digest: Mapped[str] = mapped_column(sa.ForeignKey("blobs.digest"), index=True)
+
+
+class EventRow(Model):
+    """One change to the registry, appended in the same transaction as the change (the audit log).
+    Rows are only ever inserted: the documented writer and gc roles may not UPDATE or DELETE them."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(sa.String(256))
+    action: Mapped[str] = mapped_column(sa.String(32))
+    subject: Mapped[str | None] = mapped_column(sa.String(128), nullable=True, index=True)
+    revision: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    base: Mapped[str | None] = mapped_column(sa.String(128), nullable=True)
+    details: Mapped[str] = mapped_column(sa.Text, default="{}")
