@@ -24,9 +24,10 @@ class Context:
         self.store_options = store_options
         self._registry = None
 
-    def registry(self) -> Registry:
+    def registry(self, write: bool = False) -> Registry:
+        """The registry; only a command that writes (``write``) creates one that does not exist."""
         if self._registry is None:
-            self._registry = Registry.open(self.catalog, self.store, home=self.home, storage_options=self.store_options)
+            self._registry = Registry.open(self.catalog, self.store, home=self.home, storage_options=self.store_options, create=write)
         return self._registry
 
     def bars(self) -> Bars:
@@ -107,7 +108,7 @@ def base():
 def base_add(obj: Context, path, name):
     """Store a base model (safetensors, torch pickle or diffusers folder)."""
     with obj.bars() as bars:
-        info, new = obj.registry().add_base(path, name, progress=bars)
+        info, new = obj.registry(write=True).add_base(path, name, progress=bars)
     if new:
         click.echo(f"base {info.name}  {info.n_tensors} tensors  {info.n_params / 1e6:.2f}M params  {size(info.nbytes)}  {info.digest[:12]}")
     else:
@@ -131,7 +132,7 @@ def base_ls(obj: Context, as_json):
 @click.pass_obj
 def base_rm(obj: Context, name):
     """Remove a base that no revision uses (gc frees its bytes)."""
-    info = obj.registry().remove_base(name)
+    info = obj.registry(write=True).remove_base(name)
     click.echo(f"removed base {info.name}; run `dsreg gc` to free its {size(info.nbytes)}")
 
 
@@ -155,7 +156,7 @@ def base_rm(obj: Context, name):
 def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, no_ema, as_json):
     """Compress a fine-tuned checkpoint and store it as a new revision."""
     with obj.bars() as bars:
-        rev = obj.registry().push(
+        rev = obj.registry(write=True).push(
             path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
             encoding=encoding, method=method, device=device, ema=not no_ema, progress=bars,
         )
@@ -321,7 +322,7 @@ def show(obj: Context, ref, tensors, report_dir, as_json):
 @click.pass_obj
 def tag(obj: Context, ref, name):
     """Give SUBJECT@REV a tag NAME (moving the tag if the subject had it elsewhere)."""
-    rev = obj.registry().tag(ref, name)
+    rev = obj.registry(write=True).tag(ref, name)
     click.echo(f"{rev.ref} tagged {name}")
 
 
@@ -331,7 +332,7 @@ def tag(obj: Context, ref, name):
 @click.pass_obj
 def untag(obj: Context, subject, name):
     """Remove the tag NAME from SUBJECT."""
-    rev = obj.registry().untag(subject, name)
+    rev = obj.registry(write=True).untag(subject, name)
     click.echo(f"{rev.ref} untagged {name}")
 
 
@@ -379,7 +380,7 @@ def demo(obj: Context, workdir):
     """Make a small base and a real fine-tune of it, push at several tau, check out and measure."""
     from dsreg.demo import run_demo
 
-    reg = obj.registry()
+    reg = obj.registry(write=True)
     click.echo(f"registry: catalog {redact(reg.settings.catalog_url)}, store {redact(reg.settings.store_url)}")
     click.echo("training a small UNet-shaped base, then fine-tuning it on one subject (real Adam steps)...")
     rows = run_demo(reg, workdir)
@@ -400,7 +401,7 @@ def demo(obj: Context, workdir):
 @click.pass_obj
 def rm(obj: Context, ref, force):
     """Remove SUBJECT@REV, or every revision of SUBJECT, from the catalog (gc frees the bytes)."""
-    reg = obj.registry()
+    reg = obj.registry(write=True)
     removed = reg.rm(ref, force=force)
     click.echo(f"removed {', '.join(r.ref for r in removed)}; run `dsreg gc` to free the space")
     subject = removed[0].subject
@@ -421,7 +422,7 @@ def policy():
 @click.pass_obj
 def policy_set(obj: Context, name, pattern, keep_last, max_age):
     """Create or replace a retention policy. Tagged revisions are never expired."""
-    p = obj.registry().set_policy(name, pattern, keep_last, parse_duration(max_age) if max_age else None)
+    p = obj.registry(write=True).set_policy(name, pattern, keep_last, parse_duration(max_age) if max_age else None)
     click.echo(f"policy {p.name}: subjects {p.pattern}" + (f", keep last {p.keep_last}" if p.keep_last else "") + (f", max age {max_age}" if max_age else ""))
 
 
@@ -442,7 +443,7 @@ def policy_ls(obj: Context, as_json):
 @click.pass_obj
 def policy_rm(obj: Context, name):
     """Remove a retention policy."""
-    obj.registry().remove_policy(name)
+    obj.registry(write=True).remove_policy(name)
     click.echo(f"removed policy {name}")
 
 
@@ -458,14 +459,24 @@ def gc_command(obj: Context, dry_run, grace, every, as_json):
     interval = parse_duration(every) if every else None
     if interval is not None and interval <= 0:
         raise click.BadParameter("must be positive", param_hint="--every")
+    rounds = 0
     while True:
         try:
-            report = obj.registry().gc(grace_s, dry_run)
+            report = obj.registry(write=True).gc(grace_s, dry_run)
         except Conflict as exc:
             if interval is None:
                 raise
             click.echo(f"{datetime.now().isoformat(timespec='seconds')} skipped: {exc}")
+        except KeyboardInterrupt:
+            # Each of gc's batches commits on its own: say what stands rather than "nothing".
+            click.echo(
+                f"interrupted during a gc round; {rounds} earlier rounds and the batches of this one that finished are "
+                "committed (`dsreg log --action gc`), the rest is left for the next round",
+                err=True,
+            )
+            sys.exit(130)
         else:
+            rounds += 1
             if as_json:
                 echo_json(report)
             else:
@@ -482,7 +493,11 @@ def gc_command(obj: Context, dry_run, grace, every, as_json):
                     click.echo(f"  removed {path}, left by a killed checkout")
         if interval is None:
             return
-        time.sleep(interval)
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            click.echo(f"stopped between rounds; the {rounds} rounds that ran are committed", err=True)
+            sys.exit(130)
 
 
 @cli.command()

@@ -78,8 +78,8 @@ class Bars:
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="tensor", leave=False, file=sys.stderr)
-        bar.n = done
-        bar.refresh()
+        # update() redraws at most every mininterval; a refresh per tensor flooded the terminal.
+        bar.update(done - bar.n)
         if done >= total:
             bar.close()
 

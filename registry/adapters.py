@@ -45,7 +45,7 @@ from .catalog import BaseTensor, BlobRecord, Derived
 from .checkpoint import Checkpoint, Layout, TensorSpec, open_checkpoint
 from .deltasvd import FactoredSpectrum
 from .encodings import fold_tucker
-from .errors import AmbiguousBase, BaseMismatch, NonFiniteWeights, UsageError
+from .errors import AmbiguousBase, BaseMismatch, CheckpointError, NonFiniteWeights
 from .lora import module_of
 
 KOHYA = "kohya"
@@ -179,11 +179,11 @@ def read(ckpt: Checkpoint) -> Adapter:
     if unknown:
         for prefix, name in _OTHER_ALGORITHMS.items():
             if any(prefix in k for k in unknown):
-                raise UsageError(
+                raise CheckpointError(
                     f"{ckpt.path.name} is a {name} adapter, which dsreg does not read; merge it into the base "
                     "with its own tool and push the merged checkpoint"
                 )
-        raise UsageError(f"{ckpt.path.name}: {len(unknown)} keys are no adapter part dsreg reads, e.g. {', '.join(unknown[:3])}")
+        raise CheckpointError(f"{ckpt.path.name}: {len(unknown)} keys are no adapter part dsreg reads, e.g. {', '.join(unknown[:3])}")
     config = _config((ckpt.layout.metadata or {}).get("lora_adapter_metadata"))
     size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.nbytes
     return Adapter(ckpt.path, fmt, modules, config, size)
@@ -209,10 +209,10 @@ def _config(text: str | None) -> dict:
     try:
         config = json.loads(text)
     except ValueError:
-        raise UsageError("the adapter's lora_adapter_metadata is not JSON") from None
+        raise CheckpointError("the adapter's lora_adapter_metadata is not JSON") from None
     for key, value in config.items():
         if key.endswith(".use_dora") and value:
-            raise UsageError("this is a DoRA adapter (use_dora in its metadata), which dsreg does not read; merge it and push the merged checkpoint")
+            raise CheckpointError("this is a DoRA adapter (use_dora in its metadata), which dsreg does not read; merge it and push the merged checkpoint")
     return config
 
 
@@ -263,7 +263,7 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
         if key not in base:
             raise BaseMismatch(f"adapter module {module} changes {key!r}, which the base does not have")
         if key in out:
-            raise UsageError(f"adapter module {module} changes {key!r} twice (a LoRA and a whole delta); nothing was stored")
+            raise CheckpointError(f"adapter module {module} changes {key!r} twice (a LoRA and a whole delta); nothing was stored")
         out[key] = update
 
     for module, parts in adapter.modules.items():
@@ -275,7 +275,7 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
             scale = _scale(adapter, module, parts, down.shape[0])
             put(weight, LowRankUpdate(up, down, scale, tucker), module)
         elif "mid" in parts:
-            raise UsageError(f"adapter module {module} has lora_mid without lora_down and lora_up")
+            raise CheckpointError(f"adapter module {module} has lora_mid without lora_down and lora_up")
         for part, suffix in (("weight", ".weight"), ("bias", ".bias")):
             if part in parts:
                 key = prefix + suffix
@@ -291,7 +291,7 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
                 raise BaseMismatch(f"SVDiff module {module} shifts {key!r}, which the base does not have")
             shift, rank = parts["shift"], min(spectral.as_matrix(torch.empty(base[key].shape, device="meta")).shape)
             if shift.dim() != 1 or shift.numel() > rank:
-                raise UsageError(
+                raise CheckpointError(
                     f"SVDiff module {module} has a shift of shape {list(shift.shape)}; the base's {key!r} "
                     f"{list(base[key].shape)} has {rank} singular values"
                 )
@@ -302,7 +302,7 @@ def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankU
                 raise BaseMismatch(f"adapter module {module}: lora_B.bias has {parts['up_bias'].numel()} values, the base's {key!r} {base[key].shape}")
             put(key, DenseUpdate(parts["up_bias"].float() * (1.0 if scale is None else scale)), module)
     if not out:
-        raise UsageError(f"{adapter.path.name} changes nothing: it has no LoRA factors or deltas")
+        raise CheckpointError(f"{adapter.path.name} changes nothing: it has no LoRA factors or deltas")
     return out
 
 
@@ -310,19 +310,19 @@ def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | N
     """(up, down, tucker): up and down as matrices of the base weight's out x in·kh·kw form, and a
     Tucker conv's (lora_mid, lora_down) that fold into that down, else None."""
     if "up" not in parts or "down" not in parts:
-        raise UsageError(f"adapter module {module} has only one of its two LoRA factors")
+        raise CheckpointError(f"adapter module {module} has only one of its two LoRA factors")
     if weight is None:
         raise BaseMismatch(f"adapter module {module} is a LoRA on a module whose weight the base does not have")
     up, down = parts["up"].float(), parts["down"].float()
     rank = down.shape[0]
     if up.dim() < 2 or up.shape[1] != rank or up[0].numel() != rank:
-        raise UsageError(f"adapter module {module}: lora_up {list(up.shape)} and lora_down {list(down.shape)} disagree on the rank")
+        raise CheckpointError(f"adapter module {module}: lora_up {list(up.shape)} and lora_down {list(down.shape)} disagree on the rank")
     up = up.reshape(up.shape[0], rank)
     tucker = None
     if "mid" in parts:  # LyCORIS' Tucker conv: ΔW[p,q,k,l] = Σ up[p,i] · mid[i,j,k,l] · down[j,q]
         mid = parts["mid"].float()
         if mid.dim() != 4 or mid.shape[:2] != (rank, rank) or down[0].numel() != down.shape[1]:
-            raise UsageError(f"adapter module {module}: lora_mid {list(mid.shape)} does not fit rank {rank} and lora_down {list(down.shape)}")
+            raise CheckpointError(f"adapter module {module}: lora_mid {list(mid.shape)} does not fit rank {rank} and lora_down {list(down.shape)}")
         tucker = (mid, down.reshape(rank, -1))
         down = fold_tucker(*tucker)
     down = down.reshape(rank, -1)
@@ -339,7 +339,7 @@ def _scale(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], rank: 
     if "alpha" in parts:
         alpha = parts["alpha"]
         if alpha.numel() != 1:
-            raise UsageError(f"adapter module {module}: alpha has {alpha.numel()} values, not one")
+            raise CheckpointError(f"adapter module {module}: alpha has {alpha.numel()} values, not one")
         return float(alpha.reshape(())) / rank
     if not adapter.config:
         return 1.0
@@ -350,7 +350,7 @@ def _scale(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], rank: 
     declared = _pattern(config.get("rank_pattern") or {}, path, config.get("r"))
     alpha = _pattern(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", declared))
     if declared is not None and int(declared) != rank:
-        raise UsageError(f"adapter module {module} has rank {rank} in its tensors but r = {declared} in its metadata")
+        raise CheckpointError(f"adapter module {module} has rank {rank} in its tensors but r = {declared} in its metadata")
     if alpha is None:
         return 1.0
     return float(alpha) / (rank ** 0.5 if config.get("use_rslora") else rank)
@@ -459,7 +459,7 @@ def _read_svdiff_folder(folder: Path) -> Adapter:
             with open_checkpoint(folder / name) as ckpt:
                 part = read(ckpt)
             if part.format != SVDIFF:
-                raise UsageError(f"{folder / name} holds keys other than SVDiff's <module>.delta; nothing was stored")
+                raise CheckpointError(f"{folder / name} holds keys other than SVDiff's <module>.delta; nothing was stored")
             modules.update(part.modules)
             size += part.nbytes
     return Adapter(folder, SVDIFF, modules, {}, size)

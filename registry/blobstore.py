@@ -54,7 +54,9 @@ class StoredBlob:
 
 
 class BlobStore:
-    def __init__(self, url: str, **storage_options):
+    def __init__(self, url: str, create: bool = True, **storage_options):
+        """The store at ``url``; with ``create``, a local store's folder is made if it is missing
+        (a reader's is never made: a store that is not there has no objects to list)."""
         self.url = url
         if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")):
             # Several processes write one store: a cached listing would hide their objects.
@@ -65,8 +67,13 @@ class BlobStore:
             raise StoreError(f"cannot open object store {redact(url)}: {exc}") from None
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
-        if self.local:
-            os.makedirs(self._tmp_dir(), exist_ok=True)
+        if self.local and create:
+            try:
+                os.makedirs(self._tmp_dir(), exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the object store's folder {self.root}: {exc.strerror or exc}") from None
+        elif self.local and not os.path.isdir(self.root):
+            raise StoreError(f"no object store at {self.root}: the folder does not exist (a write such as `dsreg base add` creates one)")
 
     def __repr__(self) -> str:
         return f"BlobStore({redact(self.url)!r})"
@@ -88,16 +95,30 @@ class BlobStore:
         path = self.path(digest)
         if self.exists(digest):
             return digest, False
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{self._tmp_dir()}/{digest}.{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        else:
-            self._call(self.fs.pipe_file, path, data)
+        self._write(path, data, digest)
         log.debug("stored blob %s (%d bytes)", digest[:12], len(data))
         return digest, True
+
+    def replace(self, data: bytes, digest: str) -> None:
+        """Write ``data`` over whatever is stored under ``digest`` (a missing, truncated or corrupt
+        object, found by verify): only bytes that hash to the digest are ever written."""
+        check_digest(data, digest)
+        self._write(self.path(digest), data, digest)
+        log.info("repaired blob %s (%d bytes)", digest[:12], len(data))
+
+    def _write(self, path: str, data: bytes, digest: str) -> None:
+        if self.local:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.makedirs(self._tmp_dir(), exist_ok=True)
+                tmp = f"{self._tmp_dir()}/{digest}.{uuid.uuid4().hex}"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            except PermissionError as exc:
+                raise StoreError(f"object store {redact(self.url)}: {exc.strerror} writing {exc.filename}; these credentials may only read") from None
+        else:
+            self._call(self.fs.pipe_file, path, data, action="s3:PutObject")
 
     def get(self, digest: str) -> bytes:
         path = self.path(digest)
@@ -121,7 +142,7 @@ class BlobStore:
 
     def delete(self, digest: str) -> None:
         try:
-            self._call(self.fs.rm_file, self.path(digest))
+            self._call(self.fs.rm_file, self.path(digest), action="s3:DeleteObject")
         except FileNotFoundError:
             pass
 
@@ -133,11 +154,11 @@ class BlobStore:
                 self.delete(digest)
             return
         # Object stores delete up to 1000 keys per request.
-        self._call(self.fs.rm, [self.path(d) for d in digests])
+        self._call(self.fs.rm, [self.path(d) for d in digests], action="s3:DeleteObject")
 
     def partial_uploads(self, older_than: datetime) -> list[StoredBlob]:
         """Temporary files of local writes that never finished (a crashed push), older than ``older_than``."""
-        if not self.local:
+        if not self.local or not os.path.isdir(self._tmp_dir()):
             return []  # object stores never show a partial PUT
         found = []
         for entry in os.scandir(self._tmp_dir()):
@@ -165,11 +186,16 @@ class BlobStore:
             if _DIGEST.fullmatch(name):
                 yield StoredBlob(name, int(info.get("size") or 0), _modified(info))
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn, *args, action: str | None = None, **kwargs):
+        """``fn(*args, **kwargs)`` with the store's failures as one-line StoreErrors; ``action``
+        names the permission a denial is about (a reader's key may not PutObject)."""
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, IntegrityError):
             raise
+        except PermissionError as exc:
+            needs = f" ({action} denied: these credentials may not make this change)" if action else ""
+            raise StoreError(f"object store {redact(self.url)}: {redact(first_line(exc))}{needs}") from None
         except _STORE_ERRORS as exc:
             raise StoreError(f"object store {redact(self.url)}: {redact(first_line(exc))}") from None
 

@@ -166,14 +166,22 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str, create: bool = True) -> Engine:
+    """An engine for the catalog at ``url``; with ``create``, an SQLite file's folder is made if
+    it is missing, else a missing file is a StoreError (reads never create a registry)."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise StoreError(f"invalid catalog URL {redact(url)}: expected an SQLAlchemy URL such as sqlite:///path.db") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(parsed.database).expanduser()
+            if not create and not path.is_file():
+                raise StoreError(f"no registry at {path}: the catalog file does not exist (a write such as `dsreg base add` creates one)")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the catalog's folder {path.parent}: {exc.strerror or exc}") from None
         engine = sa.create_engine(parsed, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -191,15 +199,33 @@ class Catalog:
         self.actor = actor or default_actor()  # who the audit log names for this catalog's changes
 
     @classmethod
-    def open(cls, url: str, actor: str | None = None) -> "Catalog":
-        from .migrate import upgrade
+    def open(cls, url: str, actor: str | None = None, create: bool = True) -> "Catalog":
+        """Open the catalog, bringing its schema to this version's (creating it, if ``create``).
 
-        engine = create_engine(url)
+        A catalog already at this version is only read, so credentials that may only SELECT open it."""
+        from .migrate import current_revision, head_revision, upgrade
+
+        engine = create_engine(url, create)
         try:
-            upgrade(engine)
+            current = current_revision(engine)
+            if current is None and not create:
+                raise StoreError(f"no registry in catalog {redact(url)}: it has no dsreg tables (a write such as `dsreg base add` creates them)")
+            if current != head_revision():
+                try:
+                    upgrade(engine)
+                except ProgrammingError as exc:
+                    if not _denied(exc):
+                        raise
+                    raise StoreError(
+                        f"catalog {redact(url)} has schema {current or 'none'} and this dsreg needs {head_revision()}; these credentials "
+                        f"may not migrate it ({_db_message(exc)}): open it once with the role that owns its tables"
+                    ) from None
         except (OperationalError, InterfaceError, ProgrammingError) as exc:
             engine.dispose()
             raise StoreError(f"cannot open catalog {redact(url)}: {_db_message(exc)}") from None
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(engine, url, actor)
 
     def close(self) -> None:
@@ -220,6 +246,13 @@ class Catalog:
                 yield session
         except (OperationalError, InterfaceError) as exc:
             raise StoreError(f"catalog {redact(self.url)}: {_db_message(exc)}") from None
+        except ProgrammingError as exc:
+            if not _denied(exc):
+                raise
+            raise StoreError(
+                f"catalog {redact(self.url)}: {_db_message(exc)}; these credentials may not make this change, and nothing was changed "
+                "(docs/scaling.md lists what the reader, writer and gc roles may do)"
+            ) from None
 
     # ------------------------------------------------------------ the audit log
 
@@ -922,6 +955,11 @@ def _chunks(items: list, n: int):
         yield items[i : i + n]
 
 
+
+
+def _denied(exc: Exception) -> bool:
+    """Whether the database refused for want of a privilege (SQLSTATE 42501, insufficient_privilege)."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "42501"
 
 
 def _db_message(exc: Exception) -> str:

@@ -124,8 +124,11 @@ def collect(catalog: Catalog, store: BlobStore, grace: float, dry_run: bool = Fa
                 referenced, claimed = catalog.claims(s, [o.digest for o in batch])
                 doomed = [o for o in batch if o.digest not in referenced and o.digest not in claimed]
                 if not dry_run and doomed:
-                    store.delete_many([o.digest for o in doomed])
+                    # Rows first: credentials that may not forget them (a writer's) fail before
+                    # any object goes. Nothing commits until the objects are gone; a crash between
+                    # leaves rows of deleted objects, which the last step of a later gc forgets.
                     catalog.forget_blobs(s, [o.digest for o in doomed])
+                    store.delete_many([o.digest for o in doomed])
                 removed += len(doomed)
                 removed_bytes += sum(o.size for o in doomed)
                 leased += len(claimed - referenced)

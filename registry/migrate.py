@@ -38,8 +38,13 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, target: str = "head") -> None:
-    """Migrate under a lock, so that many processes opening a new catalog at once migrate it once."""
+    """Migrate under a lock, so that many processes opening a new catalog at once migrate it once.
+
+    A catalog already at ``target`` is only read (no lock, no transaction that writes): a role
+    that may only SELECT opens it."""
     head = head_revision() if target == "head" else target
+    if current_revision(engine) == head:
+        return
     with _migrating(engine) as conn, conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})

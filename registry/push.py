@@ -9,6 +9,7 @@ the revision, and nothing is uploaded until the scan has passed the whole checkp
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from .ranking import (
 )
 from .records import Progress, RevisionInfo, SweepRow, numel, quiet
 from .scan import HeldUploads, Scan, Scanned
+
+log = logging.getLogger(__name__)
 
 # A budget push plans with expected blob sizes, then measures: up to CORRECTION_ROUNDS more
 # rounds trim a plan that overshot or, in the first TOPUP_ROUNDS of them, spend what is left while
@@ -271,6 +274,13 @@ def _compress(
     if rule.mode == "budget":
         total = sum({e.blob.digest: e.blob.size for e in result if e.blob}.values())
         assert total <= rule.value, f"the budget's last plan is by upper bounds, yet {total} > {rule.value}"
+        dropped = [e.key for e in result if e.kind == "dropped"]
+        if dropped:
+            changed = sum(e.kind != "base" for e in result)
+            log.warning(
+                "the budget of %d bytes leaves %d of %d changed tensors with nothing stored (error 1.0: they check out as the base), "
+                "e.g. %r; a larger budget keeps them", int(rule.value), len(dropped), changed, dropped[0],
+            )
     return result
 
 

@@ -17,7 +17,7 @@ from .blobstore import BlobStore
 from .cache import BlobCache, FactorCache
 from .catalog import Catalog
 from .config import DEFAULT_ENCODING, Settings
-from .errors import UsageError
+from .errors import StoreError, UsageError
 from .layers import layer_group, layer_type, summarize
 from .names import Ref, as_ref, validate_name
 from .records import (
@@ -59,15 +59,26 @@ class Registry:
         home: str | os.PathLike | None = None,
         storage_options: dict | None = None,
         factor_cache: int | str | None = None,
+        create: bool = True,
     ) -> "Registry":
         """Open (creating and migrating if new) the registry: flags, then ``DSREG_*`` variables, then ``~/.dsreg``.
 
         ``factor_cache`` bounds the memory that ``apply`` keeps decoded factors in
-        (bytes, or e.g. "4GB"; ``DSREG_FACTOR_CACHE``; 2 GB by default).
+        (bytes, or e.g. "4GB"; ``DSREG_FACTOR_CACHE``; 2 GB by default). With ``create=False`` a
+        registry that does not exist is a StoreError rather than made (what the CLI's reads do).
+        A registry at this version's schema is opened without writing anything, so read-only
+        credentials serve every read (docs/scaling.md).
         """
         settings = Settings.resolve(catalog=catalog, store=store, home=home, store_options=storage_options, factor_cache=factor_cache)
-        blob_store = BlobStore(settings.store_url, **settings.store_options)
-        return cls(Catalog.open(settings.catalog_url, settings.actor), blob_store, settings)
+        if settings.home.exists() and not settings.home.is_dir():
+            raise StoreError(f"the registry home {settings.home} is not a folder (--home / DSREG_HOME)")
+        catalog_ = Catalog.open(settings.catalog_url, settings.actor, create=create)
+        try:
+            blob_store = BlobStore(settings.store_url, create=create, **settings.store_options)
+        except BaseException:
+            catalog_.close()
+            raise
+        return cls(catalog_, blob_store, settings)
 
     def close(self) -> None:
         self.catalog.close()

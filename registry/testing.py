@@ -11,6 +11,7 @@ A missing engine raises :class:`EngineUnavailable`; the test fixtures turn that 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,8 @@ from typing import Iterator
 PG_ADMIN_URL = os.environ.get("DSREG_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 S3_BUCKET = "dsreg-test"
 S3_KEY, S3_SECRET = "dsreg-test-key", "dsreg-test-secret"
+# A second identity that may only read (GetObject, ListBucket): a serving node's key.
+S3_READ_KEY, S3_READ_SECRET = "dsreg-read-key", "dsreg-read-secret"
 
 
 class EngineUnavailable(RuntimeError):
@@ -87,6 +90,11 @@ class SeaweedFS:
         master, volume, filer, s3, *grpc = self.ports
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
+        identities = self.workdir / "s3.json"
+        identities.write_text(json.dumps({"identities": [
+            {"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+            {"name": "reader", "credentials": [{"accessKey": S3_READ_KEY, "secretKey": S3_READ_SECRET}], "actions": ["Read", "List"]},
+        ]}))
         self.log = open(self.workdir / "weed.log", "ab")
         self.process = subprocess.Popen(
             [
@@ -96,7 +104,7 @@ class SeaweedFS:
                 # Iceberg and Lance endpoints to fixed ports that a second server would collide on.
                 f"-master.port.grpc={grpc[0]}", f"-volume.port.grpc={grpc[1]}", f"-filer.port.grpc={grpc[2]}",
                 f"-s3.port.grpc={grpc[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.volumeSizeLimitMB=256", "-volume.max=0",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0", f"-s3.config={identities}",
             ],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -158,9 +158,9 @@ def _one_factor(t):
     (_reshape_up, BaseMismatch, "another base"),
     (_rename, BaseMismatch, "match no module of the base"),
     (_nan, CheckpointError, "NaN"),
-    (_loha, UsageError, "LoHa"),
-    (_alpha, UsageError, "alpha has 2 values"),
-    (_one_factor, UsageError, "only one of its two LoRA factors"),
+    (_loha, CheckpointError, "LoHa"),
+    (_alpha, CheckpointError, "alpha has 2 values"),
+    (_one_factor, CheckpointError, "only one of its two LoRA factors"),
 ])
 def test_bad_adapters_are_refused_and_store_nothing(local, adapter_files, tmp_path, change, error, words):
     path = _variant(adapter_files, tmp_path, change)
@@ -171,6 +171,17 @@ def test_bad_adapters_are_refused_and_store_nothing(local, adapter_files, tmp_pa
     assert sorted(p.name for p in (tmp_path / "registry").rglob("*") if p.is_file() and "objects" in p.parts) == objects
 
 
+@pytest.mark.parametrize("change", [_loha, _one_factor])
+def test_an_unreadable_adapter_file_exits_4_on_the_command_line(local, adapter_files, tmp_path, change):
+    from click.testing import CliRunner
+
+    from dsreg.cli.main import cli
+
+    path = _variant(adapter_files, tmp_path, change)
+    done = CliRunner().invoke(cli, ["--catalog", local.settings.catalog_url, "--store", local.settings.store_url, "push", str(path), "-s", "bad"])
+    assert done.exit_code == 4, done.output
+
+
 def test_rank_in_metadata_must_match_the_tensors(local, adapter_files, tmp_path):
     tensors = load_file(adapter_files.peft)
     with safe_open(adapter_files.peft, "pt") as f:
@@ -178,7 +189,7 @@ def test_rank_in_metadata_must_match_the_tensors(local, adapter_files, tmp_path)
     config = json.loads(metadata["lora_adapter_metadata"])
     config["unet.r"] = 8
     save_file(tensors, tmp_path / "bad.safetensors", metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
-    with pytest.raises(UsageError, match="rank 4 in its tensors but r = 8"):
+    with pytest.raises(CheckpointError, match="rank 4 in its tensors but r = 8"):
         local.push(tmp_path / "bad.safetensors", "bad")
 
 
@@ -323,7 +334,7 @@ def test_svdiff_shifts_longer_than_the_layers_rank_are_refused(local, adapter_fi
     shifts[key] = torch.zeros(shifts[key].numel() + 1)
     (tmp_path / "bad").mkdir()
     save_file(shifts, tmp_path / "bad" / "spectral_shifts.safetensors")
-    with pytest.raises(UsageError, match="singular values"):
+    with pytest.raises(CheckpointError, match="singular values"):
         local.push(tmp_path / "bad", "bad")
     assert local.subjects() == []
 

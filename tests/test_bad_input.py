@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -295,3 +296,73 @@ def test_a_bad_last_tensor_uploads_nothing_even_when_compression_is_far_ahead(ho
     sd[last] = w
     save_file(sd, tmp_path / "late-nan.safetensors")
     _fails(home, "push", tmp_path / "late-nan.safetensors", code=4, match=last)
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def test_a_read_on_a_registry_that_does_not_exist_says_so_and_creates_nothing(tmp_path):
+    where = tmp_path / "nonexistent" / "dir"
+    done = _cli("--catalog", f"sqlite:///{where / 'x.db'}", "--store", tmp_path / "blobs", "ls")
+    assert done.exit_code == 8 and "no registry at" in done.stderr and str(where / "x.db") in done.stderr
+    assert not where.exists() and not (tmp_path / "blobs").exists()
+    for command in (["stats"], ["show", "x"], ["log"], ["verify"], ["base", "ls"]):
+        assert _cli("--home", tmp_path / "fresh", *command).exit_code == 8, command
+    assert not (tmp_path / "fresh").exists()
+    # A write creates it.
+    assert _cli("--home", tmp_path / "fresh", "policy", "set", "p", "--keep-last", "3").exit_code == 0
+    assert _cli("--home", tmp_path / "fresh", "ls").exit_code == 0
+
+
+def test_a_store_or_home_that_cannot_be_a_folder_is_one_line_exit_8(tmp_path):
+    Registry.open(home=tmp_path / "reg").close()
+    done = _cli("--home", tmp_path / "reg", "--store", "/proc/blobs", "ls")
+    assert done.exit_code == 8 and "no object store at /proc/blobs" in done.stderr, done.output
+    done = _cli("--home", tmp_path / "reg", "--store", "/proc/blobs", "policy", "set", "p", "--keep-last", "1")
+    assert done.exit_code == 8 and "cannot create the object store's folder /proc/blobs" in done.stderr, done.output
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for command in (["ls"], ["policy", "set", "p", "--keep-last", "1"]):
+        done = _cli("--home", a_file, *command)
+        assert done.exit_code == 8 and f"{a_file} is not a folder" in done.stderr, done.output
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_budget_that_leaves_layers_with_nothing_says_so(home, models, caplog):
+    with _open(home) as r, caplog.at_level("WARNING", logger="dsreg.push"):
+        r.push(models.ft, "tiny-budget", budget="7kB")
+    assert re.search(r"leaves [0-9]+ of 50 changed tensors with nothing stored", caplog.text), caplog.text
+
+
+def test_progress_bars_let_tqdm_throttle(monkeypatch):
+    import io
+    import sys
+
+    from dsreg.cli.output import Bars
+
+    err = io.StringIO()
+    err.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", err)
+    with Bars(enabled=True) as bars:
+        for i in range(1, 20001):
+            bars("compress", i, 20000)
+    assert len(err.getvalue()) < 20000  # a redraw per tensor wrote about 60 bytes each
+
+
+def test_ctrl_c_during_gc_every_says_what_was_committed(home, monkeypatch):
+    from dsreg import registry as registry_module
+
+    calls = []
+    real = registry_module.Registry.gc
+
+    def gc(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module.Registry, "gc", gc)
+    done = CliRunner().invoke(cli, [*home, "gc", "--every", "0.01s"])
+    assert done.exit_code == 130
+    assert "2 earlier rounds" in done.stderr and "nothing was committed" not in done.output

@@ -104,7 +104,7 @@ def test_every_json_option_prints_json(run, models, tmp_path):
     run("policy", "set", "keep", "--keep-last", "3")
     commands = [
         ("base", "ls"), ("push", models.ft, "-s", "cat"), ("ls",), ("show", "dog"), ("stats",), ("sweep", models.ft, "--energy", "0.5"),
-        ("export-lora", "dog", "-o", tmp_path / "dog-lora.safetensors"), ("gc", "--dry-run"), ("verify",), ("policy", "ls"),
+        ("export-lora", "dog", "-o", tmp_path / "dog-lora.safetensors"), ("gc", "--dry-run"), ("verify",), ("policy", "ls"), ("log",),
     ]
     for args in commands:
         json.loads(run(*args, "--json").stdout)
@@ -169,6 +169,9 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
 
 def test_listing_and_help_do_not_import_torch(tmp_path):
     """torch's import is most of a second: only commands that touch tensors pay for it."""
+    from dsreg import Registry
+
+    Registry.open(home=tmp_path).close()  # reads never create a registry
     script = (
         "import sys\n"
         "from click.testing import CliRunner\n"
