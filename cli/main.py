@@ -502,17 +502,34 @@ def gc_command(obj: Context, dry_run, grace, every, as_json):
 
 @cli.command()
 @click.option("--full", is_flag=True, help="Also download every object and check that its bytes hash to its name.")
+@click.option("--repair", "repair_from", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Write again each missing or corrupt blob that FILE rebuilds bit for bit: a base's weights, or the "
+                   "file a revision was pushed from (repeatable; implies --full).")
 @json_option
 @click.pass_obj
-def verify(obj: Context, full, as_json):
+def verify(obj: Context, full, repair_from, as_json):
     """Check that every catalog reference resolves to a stored object; exit 7 on any problem."""
+    if repair_from:
+        with obj.bars() as bars:
+            fixed = obj.registry(write=True).repair(list(repair_from), progress=bars)
+        if as_json:
+            echo_json(fixed)
+        else:
+            for digest, what in fixed.fixed:
+                click.echo(f"repaired {digest}  {what}")
+            for digest, why in fixed.lost:
+                click.echo(f"lost     {digest}  {why}")
+            click.echo(f"{'ok' if fixed.ok else 'PROBLEMS'}: {fixed.checked} objects hashed, {len(fixed.fixed)} repaired, {len(fixed.lost)} still lost")
+        if not fixed.ok:
+            sys.exit(IntegrityError.exit_code)
+        return
     with obj.bars() as bars:
         report = obj.registry().verify(full, progress=bars)
     if as_json:
         echo_json(report)
     else:
         for digest, who in report.missing:
-            click.echo(f"missing  {digest}  referenced by {who}")
+            click.echo(f"missing  {digest}  {who}")
         for digest, problem in report.corrupt:
             click.echo(f"corrupt  {digest}  {problem}")
         for digest in report.orphans:

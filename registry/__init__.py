@@ -20,7 +20,7 @@ from .errors import (
 )
 from .records import (
     BaseInfo, CheckoutResult, Event, GcReport, LoraExport, GroupSummary, PolicyInfo, RevisionDetail, RevisionInfo, Stats, SubjectInfo, TensorInfo,
-    SweepRow, VerifyReport,
+    RepairReport, SweepRow, VerifyReport,
 )
 from .registry import Registry
 
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Registry", "RankRule", "Applied", "SweepRow",
-    "BaseInfo", "CheckoutResult", "Event", "GcReport", "LoraExport", "PolicyInfo", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
+    "BaseInfo", "CheckoutResult", "Event", "GcReport", "LoraExport", "PolicyInfo", "RepairReport", "VerifyReport", "GroupSummary", "RevisionDetail", "RevisionInfo", "Stats", "SubjectInfo", "TensorInfo",
     "DsregError", "UsageError", "InvalidName", "NotFound", "SubjectNotFound", "RevisionNotFound", "BaseNotFound",
     "CheckpointError", "UnsafeCheckpoint", "NonFiniteWeights", "BaseMismatch", "AmbiguousBase", "Conflict",
     "IntegrityError", "StoreError", "OutputError",

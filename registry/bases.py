@@ -8,6 +8,7 @@ tensors through :func:`base_tensor`, and find the part a checkpoint was made fro
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 
@@ -18,10 +19,12 @@ from .catalog import BaseTensor, BlobRecord, Catalog, Lease
 from .checkpoint import Checkpoint, open_checkpoint
 from .concurrency import Background, Scratch
 from .config import BASE_ZSTD_LEVEL
-from .errors import Conflict
+from .errors import Conflict, IntegrityError
 from .names import validate_name
 from .records import BaseInfo, Progress, quiet
 from .scan import Scan, Scanned
+
+log = logging.getLogger(__name__)
 
 
 def writer_lease(reg, what: str) -> Lease:
@@ -35,7 +38,8 @@ def scan_all(ckpt: Checkpoint, progress: Progress) -> Scanned:
 
 
 def add_base(reg, path: str | os.PathLike, name: str, progress: Progress | None = None) -> tuple[BaseInfo, bool]:
-    """Store a base model; returns (base, whether it was new). Adding the same weights again is a no-op."""
+    """Store a base model; returns (base, whether it was new). Adding the same weights again stores
+    nothing, but writes again any of their blobs that is missing from the store or fails its digest."""
     validate_name(name, "base")
     progress = progress or quiet
     with open_checkpoint(path) as ckpt:
@@ -43,6 +47,7 @@ def add_base(reg, path: str | os.PathLike, name: str, progress: Progress | None 
         digest = manifest_digest(scanned)
         existing = reg.catalog.base_by_digest(digest)
         if existing is not None:
+            heal_base(reg, existing, ckpt.get, progress)
             return existing, False
         if any(b.name == name for b in reg.catalog.bases()):
             raise Conflict(f"a different base is already named {name!r}; choose another --name")
@@ -63,7 +68,9 @@ def _upload_base_tensors(reg, ckpt: Checkpoint, scanned: Scanned, lease: Lease, 
             blob = by_tensor.get(tdigest)
             if blob is None:
                 blob = shared.get(tdigest)
-                if blob is not None and not reg.store.exists(blob.digest):  # its base was removed and collected since the lookup
+                # Gone (its base was removed and collected since the lookup) or damaged: encode it
+                # again; bytes that hash to the same digest repair the damaged object.
+                if blob is not None and not reg.store.intact(blob.digest):
                     blob = None
             if blob is None:
                 data, raw = codec.encode({"tensor": ckpt.get(spec.key)}, level=BASE_ZSTD_LEVEL)
@@ -76,6 +83,43 @@ def _upload_base_tensors(reg, ckpt: Checkpoint, scanned: Scanned, lease: Lease, 
             progress("upload", i + 1, len(scanned.specs))
         uploads.wait()
     return tensors, list(blobs.values())
+
+
+def heal_base(reg, base: BaseInfo, tensor_of, progress: Progress) -> list[str]:
+    """Write again each blob of ``base`` that is missing or fails its digest, from ``tensor_of(key)``
+    (the tensors of a file holding the base's weights); returns the repaired digests."""
+    tensors = reg.catalog.base_tensors(base.name)
+    by_blob = {t.blob: t for t in tensors}
+    broken = []
+    for i, (digest, t) in enumerate(by_blob.items()):
+        if not reg.store.intact(digest):
+            broken.append(t)
+        progress("check", i + 1, len(by_blob))
+    if not broken:
+        return []
+    with writer_lease(reg, f"base repair {base.name}") as lease:
+        lease.claim([t.blob for t in broken])
+        for t in broken:
+            rewrite_base_blob(reg, lease, t, tensor_of(t.key))
+    fixed = [t.blob for t in broken]
+    reg.catalog.record("base.repair", base=base.name, blobs=len(fixed))
+    log.warning("base %s: wrote again %d blobs that were missing or damaged in the store", base.name, len(fixed))
+    return fixed
+
+
+def rewrite_base_blob(reg, lease: Lease, t: BaseTensor, tensor: torch.Tensor) -> None:
+    """Store base tensor ``t`` again from ``tensor`` (which must be it): under its old digest where
+    the encoder gives the same bytes, else as a new blob the base's rows then point to."""
+    data, raw = codec.encode({"tensor": tensor}, level=BASE_ZSTD_LEVEL)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest == t.blob:
+        reg.store.replace(data, digest)
+        return
+    if codec.tensor_digest(tensor) != t.tensor_digest:
+        raise IntegrityError(f"the file's tensor {t.key!r} is not the one the base stored; nothing was written for it")
+    lease.claim([digest])
+    reg.store.put(data, digest)
+    reg.catalog.repoint_base_blob(t.blob, BlobRecord(digest, len(data), raw), t.tensor_digest, lease.id)
 
 
 def base_map(catalog: Catalog, name: str, component: str | None = None) -> dict[str, BaseTensor]:

@@ -36,7 +36,10 @@ def sha256_hex(data: bytes | memoryview) -> str:
 def check_digest(data: bytes | memoryview, digest: str) -> None:
     actual = sha256_hex(data)
     if actual != digest:
-        raise IntegrityError(f"blob {digest[:12]} is corrupt: its {len(data)} bytes hash to {actual[:12]}; run `dsreg verify --full`")
+        raise IntegrityError(
+            f"blob {digest[:12]} is corrupt: its {len(data)} bytes hash to {actual[:12]}; `dsreg verify --full` names what it breaks, "
+            "`dsreg verify --repair FILE` writes it again from the original file"
+        )
 
 
 def read_verified(path: str | os.PathLike, digest: str, buffer_for: Callable[[int], Buffer]) -> memoryview:
@@ -90,11 +93,16 @@ class BlobStore:
         return self._call(self.fs.exists, self.path(digest))
 
     def put(self, data: bytes, digest: str | None = None) -> tuple[str, bool]:
-        """Store ``data``; returns (digest, whether it was newly written). Existing objects are not rewritten."""
+        """Store ``data``; returns (digest, whether it was written). An object already stored under
+        the digest is read back and kept if it hashes to it; a damaged one is written again, so
+        that a write never makes a reference to bytes that verify would call corrupt."""
         digest = digest or sha256_hex(data)
         path = self.path(digest)
         if self.exists(digest):
-            return digest, False
+            if self.intact(digest):
+                return digest, False
+            log.warning("blob %s was damaged in the store; writing it again", digest[:12])
+            check_digest(data, digest)
         self._write(path, data, digest)
         log.debug("stored blob %s (%d bytes)", digest[:12], len(data))
         return digest, True
@@ -119,6 +127,14 @@ class BlobStore:
                 raise StoreError(f"object store {redact(self.url)}: {exc.strerror} writing {exc.filename}; these credentials may only read") from None
         else:
             self._call(self.fs.pipe_file, path, data, action="s3:PutObject")
+
+    def intact(self, digest: str) -> bool:
+        """Whether an object is stored under ``digest`` and its bytes hash to it."""
+        try:
+            self.get(digest)
+        except IntegrityError:
+            return False
+        return True
 
     def get(self, digest: str) -> bytes:
         path = self.path(digest)
@@ -201,7 +217,10 @@ class BlobStore:
 
 
 def _missing(digest: str) -> IntegrityError:
-    return IntegrityError(f"blob {digest[:12]} is missing from the store; run `dsreg verify`")
+    return IntegrityError(
+        f"blob {digest[:12]} is missing from the store; `dsreg verify` names what it breaks, "
+        "`dsreg verify --repair FILE` writes it again from the original file"
+    )
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:

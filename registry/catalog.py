@@ -93,6 +93,29 @@ class NewRevision:
 
 
 @dataclass(frozen=True)
+class BlobUser:
+    """One place that references a blob: a base's tensor, a revision's entry, or a derived blob."""
+
+    kind: str  # base, entry, derived; or revision: one that reads a base through the base's blob
+    name: str  # the base's name; the subject's; the derived kind
+    key: str  # the tensor's key (derived: the base tensor's digest)
+    tensor_digest: str
+    number: int | None = None  # the revision, for an entry
+    base: str | None = None  # the revision's base, for an entry
+    rank_rule: str | None = None
+    encoding: str | None = None  # the revision's
+    source_digest: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "base":
+            return f"base {self.name}"
+        if self.kind in ("entry", "revision"):
+            return f"{self.name}@{self.number}"
+        return f"{self.name} of base tensor {self.key[:12]}"
+
+
+@dataclass(frozen=True)
 class StoredEntry:
     key: str
     kind: str
@@ -404,6 +427,57 @@ class Catalog:
             for digest, kind, tensor in s.execute(sa.select(DerivedRow.blob_digest, DerivedRow.kind, DerivedRow.tensor_digest)):
                 refs.setdefault(digest, f"{kind} of base tensor {tensor[:12]}")
         return refs
+
+    def blob_users(self, digests: Sequence[str]) -> dict[str, list[BlobUser]]:
+        """Every base, revision and derived blob that references each of ``digests`` (what a bad blob breaks)."""
+        users: dict[str, list[BlobUser]] = {d: [] for d in digests}
+        with self.session() as s:
+            for chunk in _chunks(sorted(set(digests)), 500):
+                for digest, name, key, tdigest in s.execute(
+                    sa.select(BaseTensorRow.blob_digest, BaseRow.name, BaseTensorRow.key, BaseTensorRow.tensor_digest)
+                    .join(BaseRow, BaseRow.id == BaseTensorRow.base_id)
+                    .where(BaseTensorRow.blob_digest.in_(chunk))
+                    .order_by(BaseRow.name, BaseTensorRow.position)
+                ):
+                    users[digest].append(BlobUser("base", name, key, tdigest))
+                # A base's every revision reads all its tensors: a bad base blob breaks them too.
+                for digest, name, number in s.execute(
+                    sa.select(BaseTensorRow.blob_digest, SubjectRow.name, RevisionRow.number)
+                    .join(RevisionRow, RevisionRow.base_id == BaseTensorRow.base_id)
+                    .join(SubjectRow, SubjectRow.id == RevisionRow.subject_id)
+                    .where(BaseTensorRow.blob_digest.in_(chunk))
+                    .order_by(SubjectRow.name, RevisionRow.number)
+                ):
+                    users[digest].append(BlobUser("revision", name, "", "", number))
+                for digest, name, number, key, tdigest, base, rule, encoding, source in s.execute(
+                    sa.select(
+                        EntryRow.blob_digest, SubjectRow.name, RevisionRow.number, EntryRow.key, EntryRow.tensor_digest, BaseRow.name,
+                        RevisionRow.rank_rule, RevisionRow.encoding, RevisionRow.source_digest,
+                    )
+                    .join(RevisionRow, RevisionRow.id == EntryRow.revision_id)
+                    .join(SubjectRow, SubjectRow.id == RevisionRow.subject_id)
+                    .join(BaseRow, BaseRow.id == RevisionRow.base_id)
+                    .where(EntryRow.blob_digest.in_(chunk))
+                    .order_by(SubjectRow.name, RevisionRow.number, EntryRow.position)
+                ):
+                    users[digest].append(BlobUser("entry", name, key, tdigest, number, base, rule, encoding, source))
+                for digest, kind, tdigest in s.execute(
+                    sa.select(DerivedRow.blob_digest, DerivedRow.kind, DerivedRow.tensor_digest).where(DerivedRow.blob_digest.in_(chunk))
+                ):
+                    users[digest].append(BlobUser("derived", kind, tdigest, tdigest))
+        return users
+
+    def repoint_base_blob(self, old: str, new: BlobRecord, tensor_digest: str, lease_id: str) -> None:
+        """Let the base tensors with ``tensor_digest`` that were stored in blob ``old`` use ``new``, which
+        holds the same tensor (a repair whose encoder writes other bytes than the lost blob's)."""
+        with self.session(lock="shared") as s:
+            self._live_lease(s, lease_id)
+            self._ensure_blobs(s, [new])
+            s.execute(
+                sa.update(BaseTensorRow)
+                .where(BaseTensorRow.blob_digest == old, BaseTensorRow.tensor_digest == tensor_digest)
+                .values(blob_digest=new.digest)
+            )
 
     def derived(self, tensor_digests: Sequence[str], kind: str) -> dict[str, BlobRecord]:
         """The ``kind`` blobs already derived from these base tensors, by tensor digest."""

@@ -178,7 +178,7 @@ def verify(catalog: Catalog, store: BlobStore, full: bool = False, progress: Cal
             try:
                 store.get(digest)
             except IntegrityError as exc:
-                return digest, str(exc)
+                return digest, str(exc).split(";", 1)[0]  # the hint to run verify is this
             return digest, None
 
         for i, (digest, problem) in enumerate(prefetch(check, digests, window=16, workers=8)):
@@ -187,4 +187,14 @@ def verify(catalog: Catalog, store: BlobStore, full: bool = False, progress: Cal
             if progress:
                 progress("verify", i + 1, len(digests))
     orphans = tuple(sorted(d for d in stored if d not in references))
+    if missing or corrupt:  # name everything each bad blob breaks, not one place
+        users = catalog.blob_users([d for d, _ in missing] + [d for d, _ in corrupt])
+        missing = tuple((d, f"breaks {breaks(users[d])}") for d, _ in missing)
+        corrupt = [(d, f"{problem}; breaks {breaks(users[d])}" if users[d] else problem) for d, problem in corrupt]
     return VerifyReport(full=full, checked=len(stored), missing=missing, corrupt=tuple(corrupt), orphans=orphans)
+
+
+def breaks(users) -> str:
+    """The bases, revisions and derived blobs that reference a blob, for a message."""
+    labels = list(dict.fromkeys(u.label for u in users))
+    return ", ".join(labels[:10]) + (f" (+{len(labels) - 10} more)" if len(labels) > 10 else "") or "nothing"

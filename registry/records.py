@@ -219,6 +219,19 @@ class VerifyReport:
 
 
 @dataclass(frozen=True)
+class RepairReport:
+    """What ``verify --repair`` wrote again and what stays lost."""
+
+    checked: int  # objects hashed
+    fixed: tuple[tuple[str, str], ...]  # (digest, what it holds), rebuilt bit for bit
+    lost: tuple[tuple[str, str], ...]  # (digest, why it could not be rebuilt and what it breaks)
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost
+
+
+@dataclass(frozen=True)
 class SweepRow:
     """What one rank rule and encoding would store for a checkpoint, estimated without storing it."""
 

@@ -21,7 +21,8 @@ from .errors import StoreError, UsageError
 from .layers import layer_group, layer_type, summarize
 from .names import Ref, as_ref, validate_name
 from .records import (
-    BaseInfo, CheckoutResult, Event, GcReport, LoraExport, PolicyInfo, Progress, RevisionDetail, RevisionInfo, Stats, SubjectInfo, SweepRow,
+    BaseInfo, CheckoutResult, Event, GcReport, LoraExport, PolicyInfo, Progress, RepairReport, RevisionDetail, RevisionInfo, Stats,
+    SubjectInfo, SweepRow,
     VerifyReport,
 )
 
@@ -339,6 +340,15 @@ class Registry:
         if dry_run:
             return report
         return replace(report, removed_temporaries=tuple(map(str, remove_dead_writes(self.settings.journal))))
+
+    def repair(self, paths: list[str | os.PathLike], progress: Progress | None = None) -> RepairReport:
+        """Verify every object (as ``verify(full=True)``) and write again each missing or corrupt blob
+        that one of ``paths`` rebuilds bit for bit: a base's weights (any file holding its tensors),
+        or the file a revision was pushed from (exact revisions, and per-tensor rules on the same
+        machine). The report lists what was repaired and what stays lost, with what that breaks."""
+        from . import repair
+
+        return repair.repair(self, paths, progress)
 
     def verify(self, full: bool = False, progress: Progress | None = None) -> VerifyReport:
         """Check that every reference resolves (and, with ``full``, that every object hashes to its name)."""

@@ -202,7 +202,7 @@ def test_verify_reports_missing_and_corrupt_objects(engine, reg_base, models, tm
     path = reg_base.store.path(blobs[1])
     reg_base.store.fs.pipe_file(path, reg_base.store.fs.cat_file(path)[:-1] + b"!")
     listed = CliRunner().invoke(cli, args)
-    assert listed.exit_code == 7 and f"missing  {blobs[0]}  referenced by s@1" in listed.stdout
+    assert listed.exit_code == 7 and f"missing  {blobs[0]}  breaks s@1" in listed.stdout
     hashed = CliRunner().invoke(cli, args + ["--full"])
     assert hashed.exit_code == 7 and f"corrupt  {blobs[1]}" in hashed.stdout
 
