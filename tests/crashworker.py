@@ -3,7 +3,7 @@
 The parent imports torch and the registry once and opens nothing, so each child starts in
 milliseconds with no threads or connections inherited; the child opens its own registry. Reads
 one JSON request per line on stdin, writes one JSON result per line on stdout:
-``{"op", "delay", "catalog", "store", "home", ...}`` -> ``{"outcome": "killed"|"finished"|"failed", "elapsed"}``.
+``{"op", "delay", "catalog", "store", "home", ...}`` -> ``{"outcome": "killed"|"finished"|"busy"|"failed", "elapsed"}`` (busy: a gc found another one running).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from dsreg import Registry
+from dsreg import Conflict, Registry
 
 
 def _run(req: dict) -> None:
@@ -41,6 +41,8 @@ def main() -> None:
             code = 0
             try:
                 _run(req)
+            except Conflict:  # another gc had the lock (the long mode races one): not a failure
+                code = 3
             except BaseException as exc:  # reported as "failed"; the parent checks what it left behind
                 print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                 code = 1
@@ -49,7 +51,7 @@ def main() -> None:
         while outcome is None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                outcome = "finished" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+                outcome = {0: "finished", 3: "busy"}.get(os.waitstatus_to_exitcode(status), "failed")
             elif time.monotonic() - start >= req["delay"]:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
