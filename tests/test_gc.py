@@ -225,6 +225,8 @@ def test_cli_rm_policy_gc(engine, models, tmp_path):
     assert "one" in run("policy", "ls")
     run("policy", "rm", "one")
     assert run("verify", "--full").startswith("ok:")
+    assert run("rm", "a@2").splitlines()[1] == "a has no revisions now; its numbers are never given out again (a push continues after them)"
+    assert "a rev 3" in run("push", models.ft, "-s", "a")
 
 
 # ---------------------------------------------------------------- crashes and concurrency
