@@ -29,6 +29,7 @@ from .records import GcReport, PolicyInfo, VerifyReport
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000
+_GONE = "gone"
 PARTIAL_MIN_AGE = 600
 
 
@@ -178,18 +179,29 @@ def verify(catalog: Catalog, store: BlobStore, full: bool = False, progress: Cal
             try:
                 store.get(digest)
             except IntegrityError as exc:
+                if not store.exists(digest):
+                    return digest, _GONE
                 return digest, str(exc).split(";", 1)[0]  # the hint to run verify is this
             return digest, None
 
+        gone = set()
         for i, (digest, problem) in enumerate(prefetch(check, digests, window=16, workers=8)):
-            if problem and all(d != digest for d, _ in corrupt):
+            if problem is _GONE:
+                # Deleted since the listing: by a gc running meanwhile if nothing references it
+                # (not a problem), else missing.
+                gone.add(digest)
+            elif problem and all(d != digest for d, _ in corrupt):
                 corrupt.append((digest, problem))
             if progress:
                 progress("verify", i + 1, len(digests))
+        missing = tuple(sorted(set(missing) | {(d, references[d]) for d in gone if d in references}))
+        stored = {d: n for d, n in stored.items() if d not in gone}
     orphans = tuple(sorted(d for d in stored if d not in references))
     if missing or corrupt:  # name everything each bad blob breaks, not one place
         users = catalog.blob_users([d for d, _ in missing] + [d for d, _ in corrupt])
-        missing = tuple((d, f"breaks {breaks(users[d])}") for d, _ in missing)
+        # Read again now: a blob whose last reference went since the first read (an rm, then a
+        # gc, while this ran) is no loss.
+        missing = tuple((d, f"breaks {breaks(users[d])}") for d, _ in missing if users[d])
         corrupt = [(d, f"{problem}; breaks {breaks(users[d])}" if users[d] else problem) for d, problem in corrupt]
     return VerifyReport(full=full, checked=len(stored), missing=missing, corrupt=tuple(corrupt), orphans=orphans)
 
