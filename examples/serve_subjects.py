@@ -55,7 +55,7 @@ def main() -> None:
         plain = render(pipe)
         for name in ["corgi", "tabby", "corgi", "teapot", "tabby"]:
             started = time.perf_counter()
-            reg.apply(pipe, name)  # switches from whatever subject the pipeline holds
+            held = reg.apply(pipe, name)  # switches from whatever subject the pipeline holds
             switched = time.perf_counter() - started
             image = render(pipe)
             reference = render(load(work / name))  # what the fine-tune itself renders
@@ -63,7 +63,8 @@ def main() -> None:
                 f"{name:>7}: switched in {switched * 1e3:5.1f} ms; image differs from the base's by "
                 f"{(image - plain).abs().max():.3f}, from the fine-tune's own by {(image - reference).abs().max():.4f}"
             )
-        with reg.apply(pipe, "teapot"):  # for one request; the base's bits come back after it
+        held.restore()  # the base's bits again
+        with reg.apply(pipe, "teapot"):  # for one request; leaving the block gives back what the pipeline held
             render(pipe)
         assert torch.equal(render(pipe), plain)
         print(f"restored: the base renders as before; factor cache {reg.factors.nbytes / 1e3:.0f} kB "

@@ -125,13 +125,35 @@ def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Pro
 
 @dataclass
 class _Slot:
-    """What dsreg knows of one live module: the subject it holds, and the base values under it."""
+    """What dsreg knows of one live module: the subject it holds, the base values under it, and the
+    ``with`` blocks open on it."""
 
     module: weakref.ref
     lock: threading.RLock = field(default_factory=threading.RLock)
     current: "Applied | None" = None
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # module key -> base value, for restore
     changes: dict[str, "_Change"] = field(default_factory=dict)  # module key -> what the current subject wrote
+    frames: list["_Frame"] = field(default_factory=list)  # open with blocks, outermost first
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a module held: a subject's changes over the base (none: the base), and its handle."""
+
+    changes: dict[str, "_Change"]
+    handle: "weakref.ref | None" = None  # weak: a serving loop's old handles must not pile up
+
+    @classmethod
+    def of(cls, slot: "_Slot") -> "_Held":
+        return cls(slot.changes, weakref.ref(slot.current) if slot.current is not None else None)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A with block open on a module: its handle, and what the module held when it was entered."""
+
+    handle: "Applied"
+    before: _Held
 
 
 @dataclass(frozen=True)
@@ -156,14 +178,22 @@ def _slot(module: torch.nn.Module) -> _Slot:
 
 
 class Applied:
-    """A subject written into live modules. ``restore()``, or leaving a ``with`` block, gives the
-    modules back the base's bits. A handle that a later apply to the same module superseded restores
-    nothing there: the module belongs to the newer handle."""
+    """A subject written into live modules (see docs/python-api.md, "What a with block promises").
 
-    def __init__(self, ref: str, base: str, slots: dict[str, _Slot]):
+    Leaving a ``with`` block, or ``restore()`` on its handle, returns the modules to exactly what
+    they held when the block was entered (the base, or an outer block's subject), closing any
+    block opened inside it. ``restore()`` on a handle applied without ``with`` returns the modules
+    to what the innermost open block holds (else the base). A handle whose subject a later plain
+    apply replaced raises rather than restore something that is no longer there."""
+
+    def __init__(self, ref: str, base: str, slots: dict[str, _Slot], changes: dict[str, dict[str, "_Change"]], keep: str):
         self.ref = ref
         self.base = base
-        self._slots = slots  # component ("" for a bare module) -> slot
+        self._slots = slots  # component ("" for a bare module) -> slot, every one the apply switched
+        self._changes = changes  # component -> what the subject writes there (nothing: the base)
+        self._keep = keep
+        self._before: dict[str, _Held] = {}  # component -> what its module held before this apply
+        self._closed: set[str] = set()  # components this handle no longer answers for
 
     @property
     def active(self) -> bool:
@@ -173,18 +203,50 @@ class Applied:
     @property
     def components(self) -> tuple[str, ...]:
         """The pipeline components this handle wrote (``("",)`` for a bare module)."""
-        return tuple(self._slots)
+        return tuple(c for c in self._slots if self._changes[c])
 
     def restore(self) -> None:
-        for slot in _ordered(self._slots.values()):
-            with slot.lock:
-                if slot.current is self:
-                    module = slot.module()
-                    if module is not None:
-                        _write_base(module, slot, list(slot.changes))
-                    slot.current, slot.saved, slot.changes = None, {}, {}
+        slots = {c: s for c, s in self._slots.items() if c not in self._closed}
+        locks = _ordered(slots.values())
+        for slot in locks:
+            slot.lock.acquire()
+        try:
+            plans = {}
+            for component, slot in slots.items():
+                opened = next((i for i, f in enumerate(slot.frames) if f.handle is self), None)
+                if opened is not None:
+                    plans[component] = (opened, slot.frames[opened].before)
+                elif slot.current is self:
+                    top = slot.frames[-1].handle if slot.frames else None
+                    plans[component] = (None, _Held(top._changes[component], weakref.ref(top)) if top else _Held({}))
+                else:
+                    holder = slot.current.ref if slot.current is not None else "the base"
+                    raise UsageError(
+                        f"cannot restore {self.ref}: {type(slot.module()).__name__} holds {holder} now, applied after it without "
+                        "`with`; restore that handle, or apply the subject in a `with` block to have it unwound"
+                    )
+            for component, (opened, before) in plans.items():
+                slot = slots[component]
+                if opened is not None:
+                    for frame in slot.frames[opened:]:  # blocks opened inside this one close with it
+                        frame.handle._closed.add(component)
+                    del slot.frames[opened:]
+                if slot.current is not None:
+                    slot.current._closed.add(component)
+                module = slot.module()
+                if module is not None:
+                    _switch(slot, module.state_dict(), before.changes, self._keep)
+                slot.current = before.handle() if before.handle is not None else None
+                self._closed.add(component)
+        finally:
+            for slot in reversed(locks):
+                slot.lock.release()
 
     def __enter__(self) -> "Applied":
+        for component, slot in _ordered_items(self._slots):
+            with slot.lock:
+                if component not in self._closed:
+                    slot.frames.append(_Frame(self, self._before[component]))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -196,6 +258,10 @@ class Applied:
 
 def _ordered(slots) -> list[_Slot]:
     return sorted(slots, key=id)  # one lock order for every caller: no two applies wait on each other
+
+
+def _ordered_items(slots: dict[str, _Slot]) -> list[tuple[str, _Slot]]:
+    return sorted(slots.items(), key=lambda item: id(item[1]))
 
 
 def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str = "sample") -> Applied:
@@ -218,7 +284,7 @@ def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str 
             touched = {k: e for k, e in entries.items() if e.kind not in _UNCHANGED}
             _check_values(reg, rev, where, state, slots[component], touched, check)
             plans[component] = (module, state, _fetch(reg, rev, state, touched))
-        handle = Applied(rev.ref, rev.base, {c: slots[c] for c, (_, _, changes) in plans.items() if changes})
+        handle = Applied(rev.ref, rev.base, {c: slots[c] for c in plans}, {c: changes for c, (_, _, changes) in plans.items()}, keep)
         # Phase two: arithmetic in memory, undone on failure.
         done: list[tuple[torch.nn.Module, _Slot, dict]] = []
         try:
@@ -226,8 +292,9 @@ def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str 
                 slot = slots[component]
                 previous = (slot.current, dict(slot.saved), dict(slot.changes))
                 done.append((module, slot, previous))
+                handle._before[component] = _Held.of(slot)
                 _switch(slot, state, changes, keep)
-                slot.current = handle if changes else None
+                slot.current = handle
         except BaseException:
             for module, slot, (current, saved, changes) in reversed(done):
                 _undo(module, slot, current, saved, changes)
@@ -275,7 +342,7 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
 def _holds(module: torch.nn.Module) -> bool:
     with _slots_lock:
         slot = _slots.get(module)
-    return slot is not None and slot.current is not None
+    return slot is not None and bool(slot.changes)
 
 
 def _by_component(rev: _Revision, component: str | None) -> dict[str, StoredEntry]:
@@ -392,10 +459,6 @@ def _copy(tensor: torch.Tensor, keep: str) -> torch.Tensor:
 def _write_base_state(state: dict, slot: _Slot, keys) -> None:
     for key in keys:
         state[key].copy_(slot.saved[key])
-
-
-def _write_base(module: torch.nn.Module, slot: _Slot, keys) -> None:
-    _write_base_state(module.state_dict(), slot, keys)
 
 
 @torch.no_grad()

@@ -95,11 +95,11 @@ def test_apply_gives_the_checkouts_outputs_switches_and_restores_the_base(subjec
         assert torch.equal(_unet_out(unet), expected["b"][1])
         reg.apply(unet, "a")
         assert _same_bits(_bits(unet), expected["a"][0])
-    # Leaving the first handle's block restores nothing: the module belongs to the newest handle.
-    assert _same_bits(_bits(unet), expected["a"][0])
-    reg.apply(unet, "b").restore()
+    # Leaving the block gives back what the module held when it was entered: the base.
     assert _same_bits(_bits(unet), base_bits)
     assert torch.equal(_unet_out(unet), base_out)
+    reg.apply(unet, "b").restore()
+    assert _same_bits(_bits(unet), base_bits)
 
 
 def test_a_switch_writes_only_what_either_subject_changes(local, models, tmp_path):
@@ -240,15 +240,67 @@ def test_a_pipeline_subject_applies_to_the_unet_and_the_text_encoder(local, pipe
         assert set(applied.components) == {"unet", "text_encoder"}
         for got, want in zip(sd_tiny.outputs(pipe), expected):
             assert torch.equal(got, want)
-        local.apply(pipe, "unet-only")  # the text encoder goes back to the base: the new subject leaves it
-        assert _same_bits(_bits(pipe.text_encoder), base_bits["text_encoder"])
-    local.apply(pipe, "dog").restore()
-    local.apply(pipe, "unet-only").restore()
+        with local.apply(pipe, "unet-only"):  # the text encoder goes back to the base: the new subject leaves it
+            assert _same_bits(_bits(pipe.text_encoder), base_bits["text_encoder"])
+        for got, want in zip(sd_tiny.outputs(pipe), expected):  # both modules hold dog again
+            assert torch.equal(got, want)
     assert all(_same_bits(_bits(getattr(pipe, c)), base_bits[c]) for c in base_bits)
     # A bare module takes its component of a pipeline subject.
     with local.apply(pipe.text_encoder, "dog") as applied:
         assert applied.components == ("text_encoder",)
         assert torch.equal(sd_tiny.outputs(pipe)[1], expected[1])
+
+
+def test_with_blocks_unwind_in_order(local_subjects, pipelines):
+    """Every with block gives back what the module held when it was entered, whatever happened inside."""
+    reg = local_subjects
+    unet = _unet(pipelines.base)
+    base = _bits(unet)
+    want = {name: reg.load(name, device="cpu") for name in ("a", "b")}
+    # Nested: the inner exit returns to the outer subject.
+    with reg.apply(unet, "a"):
+        with reg.apply(unet, "b"):
+            assert _same_bits(_bits(unet), want["b"])
+        assert _same_bits(_bits(unet), want["a"])
+    assert _same_bits(_bits(unet), base)
+    # A plain switch inside a block is undone by the block's exit; its handle is closed with it.
+    with reg.apply(unet, "a"):
+        inner = reg.apply(unet, "b")
+    assert _same_bits(_bits(unet), base) and not inner.active
+    inner.restore()  # already unwound: nothing left to do
+    assert _same_bits(_bits(unet), base)
+    # An exception inside a block.
+    with pytest.raises(ZeroDivisionError):
+        with reg.apply(unet, "a"):
+            with reg.apply(unet, "b"):
+                1 / 0
+    assert _same_bits(_bits(unet), base)
+    # restore() on the outer handle unwinds the inner block too; the exits that follow do nothing more.
+    with reg.apply(unet, "a") as outer:
+        with reg.apply(unet, "b"):
+            outer.restore()
+            assert _same_bits(_bits(unet), base)
+        assert _same_bits(_bits(unet), base)
+    assert _same_bits(_bits(unet), base)
+    # A plain apply's restore inside a block returns to the block's subject.
+    with reg.apply(unet, "a"):
+        reg.apply(unet, "b").restore()
+        assert _same_bits(_bits(unet), want["a"])
+    assert _same_bits(_bits(unet), base)
+
+
+def test_a_plain_handle_that_was_replaced_refuses_to_restore(local_subjects, pipelines):
+    from dsreg import UsageError
+
+    reg = local_subjects
+    unet = _unet(pipelines.base)
+    first = reg.apply(unet, "a")
+    second = reg.apply(unet, "b")  # a switch: the module holds b
+    with pytest.raises(UsageError, match="holds b@1 now"):
+        first.restore()
+    assert _same_bits(_bits(unet), reg.load("b", device="cpu"))
+    second.restore()
+    assert _same_bits(_bits(unet), _bits(_unet(pipelines.base)))
 
 
 def test_concurrent_applies_on_two_modules(local_subjects, pipelines):
