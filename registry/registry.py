@@ -199,9 +199,10 @@ class Registry:
 
         Each touched tensor becomes base + delta, formed in fp32 on the module's device and cast to
         its dtype. A module that holds another subject is switched directly (only the tensors either
-        subject changes are written). The returned handle restores the base's exact bits on
-        ``restore()`` or at the end of a ``with`` block; ``keep`` says where the base values it
-        needs wait: on the module's ``"device"`` or in ``"host"`` memory. Before anything is
+        subject changes are written). Leaving a ``with`` block (or ``restore()`` on its handle)
+        gives the module back exactly what it held when the block was entered, the base's bits or
+        an outer block's subject (docs/python-api.md lists the rules); ``keep`` says where the base
+        values it needs wait: on the module's ``"device"`` or in ``"host"`` memory. Before anything is
         written, the module must have the subject's keys and shapes, and the touched tensors the
         base's values (``check="sample"``: a few by digest; ``"all"``: every one); a module that
         does not fit raises BaseMismatch and is left untouched, and a failure half-way (a corrupt
