@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from .blobstore import BlobStore, check_digest, read_verified
 from .directio import Buffer
@@ -144,3 +144,20 @@ class FactorCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+
+class Memo:
+    """Small values computed once per key and kept for the process (base tensors' fingerprints,
+    16 bytes each: no bound needed). Thread-safe; two threads may compute the same key once each."""
+
+    def __init__(self):
+        self._items: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            return self._items.setdefault(key, value)

@@ -39,10 +39,13 @@ from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
 from .names import Ref, as_ref
 from .records import Progress, quiet
 
-# Touched tensors whose values are compared with the base's digests before a default apply.
-SAMPLED_CHECKS = 8
 KEEP = ("device", "host")
-CHECKS = ("sample", "all")
+# fingerprint: every touched tensor's fingerprint, on its device, against the base's (the default);
+# all: every touched tensor's sha256 against the base's digest, on the host. "sample" was the old
+# default's name (8 digests), now the fingerprint check.
+CHECKS = ("fingerprint", "all", "sample")
+# Elements a fingerprint reduces at a time: its int64 working copy stays at 128 MB on the device.
+FINGERPRINT_CHUNK = 1 << 24
 _UNCHANGED = ("base", "dropped")
 
 
@@ -132,6 +135,10 @@ class _Slot:
     lock: threading.RLock = field(default_factory=threading.RLock)
     current: "Applied | None" = None
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # module key -> base value, for restore
+    # module key -> (data_ptr, version) of a tensor last seen holding the base: checked or written
+    # by dsreg since. An in-place change by anyone bumps the version counter, which state_dict's
+    # detached tensors share with the parameters, so a match means nothing changed it since.
+    known_base: dict[str, tuple[int, int]] = field(default_factory=dict)
     changes: dict[str, "_Change"] = field(default_factory=dict)  # module key -> what the current subject wrote
     frames: list["_Frame"] = field(default_factory=list)  # open with blocks, outermost first
 
@@ -264,7 +271,7 @@ def _ordered_items(slots: dict[str, _Slot]) -> list[tuple[str, _Slot]]:
     return sorted(slots.items(), key=lambda item: id(item[1]))
 
 
-def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str = "sample") -> Applied:
+def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str = "fingerprint") -> Applied:
     """Registry.apply: see its docstring."""
     check_choice("keep", keep, KEEP)
     check_choice("check", check, CHECKS)
@@ -383,24 +390,55 @@ def _check_fit(rev: _Revision, where: str, state: dict[str, torch.Tensor], entri
 
 
 def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, touched: dict[str, StoredEntry], check: str) -> None:
-    """The tensors the module would give up as its base hold the base's values: those of the keys
-    another subject does not hold now (for those, the slot keeps the base values it saved)."""
+    """The tensors the module would give up as its base hold the base's values: every one of the
+    keys another subject does not hold now (for those, the slot keeps the base values it saved).
+    A tensor dsreg saw holding the base, unchanged since (its version counter), is not read again."""
     keys = [k for k in touched if k not in slot.saved and touched[k].key in rev.base_tensors]
-    if check == "sample" and len(keys) > SAMPLED_CHECKS:
-        step = (len(keys) - 1) / (SAMPLED_CHECKS - 1)
-        keys = [keys[round(i * step)] for i in range(SAMPLED_CHECKS)]
+    if check != "all":
+        keys = [k for k in keys if slot.known_base.get(k) != _stamp(state[k])]
     for key in keys:
         t = rev.base_tensors[touched[key].key]
         value = state[key]
-        if codec.dtype_name(value.dtype) == t.dtype:
-            same = codec.tensor_digest(value.detach().cpu()) == t.tensor_digest
-        else:  # a module cast to another dtype: compare with the base cast the same way
-            same = deltas.same_bits(base_tensor(reg, t).to(value.dtype), value.detach().cpu())
-        if not same:
+        if check == "all":
+            if codec.dtype_name(value.dtype) == t.dtype:
+                same = codec.tensor_digest(value.detach().cpu()) == t.tensor_digest
+            else:  # a module cast to another dtype: compare with the base cast the same way
+                same = deltas.same_bits(base_tensor(reg, t).to(value.dtype), value.detach().cpu())
+        else:
+            same = torch.equal(fingerprint(value), _base_fingerprint(reg, t, value.dtype).to(value.device))
+        if same:
+            slot.known_base[key] = _stamp(value)
+        else:
             raise BaseMismatch(
                 f"{where} does not hold base {rev.base!r}: tensor {key!r} differs from it; apply {rev.ref} only to a module "
                 "loaded from its base (a module changed by other means, e.g. a fused LoRA, is refused)"
             )
+
+
+def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor._version
+
+
+@torch.no_grad()
+def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums over a tensor's bits, on its own device (nothing is copied to the host): of
+    the values as integers, and of each weighted by its position mod 65521, so that changed values
+    and moved ones both show. Equal bits give equal fingerprints on any device."""
+    flat = tensor.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view(codec.INT_OF_SIZE[flat.element_size()])
+    out = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+        part = flat[start : start + FINGERPRINT_CHUNK].to(torch.int64)
+        weight = torch.arange(start, start + part.numel(), device=flat.device, dtype=torch.int64).remainder_(65521).add_(1)
+        out[0] += part.sum()
+        out[1] += (part * weight).sum()
+    return out
+
+
+def _base_fingerprint(reg, t: BaseTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fingerprint of base tensor ``t`` cast to ``dtype``, read from the store once per process."""
+    return reg.fingerprints.get((t.tensor_digest, str(dtype)), lambda: fingerprint(base_tensor(reg, t).to(dtype)))
 
 
 def _fetch(reg, rev: _Revision, state: dict, touched: dict[str, StoredEntry]) -> dict[str, _Change]:
@@ -424,6 +462,7 @@ def _switch(slot: _Slot, state: dict, changes: dict[str, _Change], keep: str) ->
     _write_base_state(state, slot, [k for k in old if k not in changes])
     for key in [k for k in old if k not in changes]:
         del slot.saved[key]
+        slot.known_base[key] = _stamp(state[key])
     slot.changes = {}
     for key, change in changes.items():
         tensor = state[key]

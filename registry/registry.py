@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .blobstore import BlobStore
-from .cache import BlobCache, FactorCache
+from .cache import BlobCache, FactorCache, Memo
 from .catalog import Catalog
 from .config import DEFAULT_ENCODING, Settings
 from .errors import StoreError, UsageError
@@ -50,6 +50,8 @@ class Registry:
         self.base_blobs = store if store.local else BlobCache(store, settings.cache_dir, settings.cache_size)
         # Subjects' decoded factors, for apply: a switch among recent subjects reads no store.
         self.factors = FactorCache(settings.factor_cache)
+        # Base tensors' fingerprints by (tensor digest, dtype), for apply's default check.
+        self.fingerprints = Memo()
 
     @classmethod
     def open(
@@ -194,7 +196,7 @@ class Registry:
 
         return live.load(self, ref, device=device, dtype=dtype, progress=progress)
 
-    def apply(self, target, ref: str | Ref, *, keep: str = "device", check: str = "sample") -> "Applied":
+    def apply(self, target, ref: str | Ref, *, keep: str = "device", check: str = "fingerprint") -> "Applied":
         """Write a subject's weights into a live ``torch.nn.Module`` or diffusers pipeline, in place.
 
         Each touched tensor becomes base + delta, formed in fp32 on the module's device and cast to
@@ -204,9 +206,11 @@ class Registry:
         an outer block's subject (docs/python-api.md lists the rules); ``keep`` says where the base
         values it needs wait: on the module's ``"device"`` or in ``"host"`` memory. Before anything is
         written, the module must have the subject's keys and shapes, and the touched tensors the
-        base's values (``check="sample"``: a few by digest; ``"all"``: every one); a module that
-        does not fit raises BaseMismatch and is left untouched, and a failure half-way (a corrupt
-        blob, a store going away) leaves it as it was. See docs/python-api.md for thread safety.
+        base's values (``check="fingerprint"``: every one by a fingerprint formed on its device, and
+        not again while its version counter says nothing changed it; ``"all"``: every one by sha256
+        on the host, every time); a module that does not fit raises BaseMismatch and is left
+        untouched, and a failure half-way (a corrupt blob, a store going away) leaves it as it was.
+        See docs/python-api.md for thread safety.
         """
         from . import live
 

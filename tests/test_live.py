@@ -171,6 +171,51 @@ def test_a_module_that_is_not_the_base_is_refused_and_untouched(local_subjects, 
     assert _same_bits(_bits(trained), before)
 
 
+def test_the_default_check_catches_any_changed_tensor_and_rechecks_only_what_changed(local_subjects, pipelines, monkeypatch):
+    from dsreg import live
+
+    reg = local_subjects
+    for key in ("conv_in.weight", "conv_out.bias", "down_blocks.0.attentions.0.proj_in.weight"):
+        unet = _unet(pipelines.base)
+        with torch.no_grad():
+            unet.state_dict()[key].view(-1)[0] += 1e-3
+        before = _bits(unet)
+        with pytest.raises(BaseMismatch, match=f"tensor '{key}' differs"):
+            reg.apply(unet, "a")
+        assert _same_bits(_bits(unet), before)
+    # Two values swapped: the plain sum is the same, the position-weighted one is not.
+    unet = _unet(pipelines.base)
+    with torch.no_grad():
+        w = unet.state_dict()["conv_in.weight"].view(-1)
+        w[[0, 1]] = w[[1, 0]]
+    with pytest.raises(BaseMismatch, match="conv_in.weight"):
+        reg.apply(unet, "a")
+    # A fresh module: every touched tensor is fingerprinted once; switches after that fingerprint
+    # nothing but what someone else changed meanwhile.
+    warm = _unet(pipelines.base)  # the base's fingerprints, read from the store once per process
+    reg.apply(warm, "a")
+    reg.apply(warm, "b")
+    unet = _unet(pipelines.base)
+    counted = []
+    real = live.fingerprint
+    monkeypatch.setattr(live, "fingerprint", lambda t: counted.append(1) or real(t))
+    touched = {n: {e.key for e in reg.catalog.entries(Ref(n, 1)) if e.kind not in ("base", "dropped")} for n in ("a", "b")}
+    reg.apply(unet, "a")
+    assert len(counted) == len(touched["a"])
+    reg.apply(unet, "b")  # only what b touches and a did not: a's keys were written by dsreg
+    assert len(counted) == len(touched["a"] | touched["b"])
+    for name in ("a", "b", "a", "b"):
+        reg.apply(unet, name)
+    reg.apply(unet, "a").restore()
+    with reg.apply(unet, "b"):
+        pass
+    assert len(counted) == len(touched["a"] | touched["b"])
+    with torch.no_grad():  # a change behind dsreg's back is found at the next apply
+        unet.state_dict()["conv_in.weight"].view(-1)[0] += 1e-3
+    with pytest.raises(BaseMismatch, match="conv_in.weight"):
+        reg.apply(unet, "a")
+
+
 def test_a_corrupt_blob_mid_switch_leaves_the_module_as_it_was(subjects, pipelines):
     reg = subjects
     unet = _unet(pipelines.base)
