@@ -150,7 +150,7 @@ def _default_suffix(layout: Layout) -> str:
 def _output_layout(pushed: Layout, output: Path, fmt: str | None) -> Layout:
     if pushed.format == "pipeline":
         if fmt not in (None, "diffusers") or output.suffix.lower() == ".safetensors" or output.suffix.lower() in PICKLE_SUFFIXES:
-            raise UsageError("a diffusers pipeline checks out as a folder: give -o a folder name, without --format safetensors or ckpt")
+            raise UsageError("a diffusers pipeline checks out as a folder: give the output (-o) a folder name, and no format (--format) safetensors or ckpt")
         return pushed
     if fmt is not None:
         if fmt not in _FORMAT_ALIASES:

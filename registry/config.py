@@ -157,7 +157,7 @@ def resolve_device(device: str):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+        raise UsageError("device='cuda' (--device cuda) was asked for, but torch sees no CUDA device; use device 'cpu' or 'auto'")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)

@@ -372,6 +372,14 @@ def _component_for(module: torch.nn.Module, rev: _Revision) -> tuple[str, dict[s
 
 
 def _check_fit(rev: _Revision, where: str, state: dict[str, torch.Tensor], entries: dict[str, StoredEntry]) -> None:
+    injected = [k for k in state if ".base_layer." in k]
+    if injected:
+        # peft's LoRA layers wrap the module's own (x.weight is now x.base_layer.weight) and add
+        # their product on top: a subject written under them would not be what renders.
+        raise BaseMismatch(
+            f"{where} has LoRA layers injected by peft/diffusers ({len(injected)} tensors such as {injected[0]!r}): call "
+            "pipe.unload_lora_weights() (after fuse_lora, pipe.unfuse_lora() first), then apply the subject to the bare module"
+        )
     for key, entry in entries.items():
         tensor = state.get(key)
         if tensor is None:
@@ -395,7 +403,7 @@ def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, tou
     A tensor dsreg saw holding the base, unchanged since (its version counter), is not read again."""
     keys = [k for k in touched if k not in slot.saved and touched[k].key in rev.base_tensors]
     if check != "all":
-        keys = [k for k in keys if slot.known_base.get(k) != _stamp(state[k])]
+        keys = [k for k in keys if _stamp(state[k]) is None or slot.known_base.get(k) != _stamp(state[k])]
     for key in keys:
         t = rev.base_tensors[touched[key].key]
         value = state[key]
@@ -415,8 +423,10 @@ def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, tou
             )
 
 
-def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor._version
+def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """Where a tensor is and how often it was changed in place; None for an inference tensor,
+    which keeps no version counter (it is then checked on every apply)."""
+    return None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
 
 
 @torch.no_grad()
@@ -454,8 +464,18 @@ def _fetch(reg, rev: _Revision, state: dict, touched: dict[str, StoredEntry]) ->
     return dict(zip(touched, prefetch(fetch, list(touched), window=8, workers=4)))
 
 
-@torch.no_grad()
+def _writing(state: dict):
+    """no_grad; inference_mode for a module built under ``torch.inference_mode()``, whose tensors
+    may be written in place only there."""
+    return torch.inference_mode() if any(t.is_inference() for t in state.values()) else torch.no_grad()
+
+
 def _switch(slot: _Slot, state: dict, changes: dict[str, _Change], keep: str) -> None:
+    with _writing(state):
+        _switch_to(slot, state, changes, keep)
+
+
+def _switch_to(slot: _Slot, state: dict, changes: dict[str, _Change], keep: str) -> None:
     """Make the module hold ``changes`` over its base: the keys only the old subject touched get
     their base back, the new subject's keys get base + delta."""
     old = slot.changes
@@ -494,19 +514,18 @@ def _copy(tensor: torch.Tensor, keep: str) -> torch.Tensor:
     return host
 
 
-@torch.no_grad()
 def _write_base_state(state: dict, slot: _Slot, keys) -> None:
     for key in keys:
         state[key].copy_(slot.saved[key])
 
 
-@torch.no_grad()
 def _undo(module: torch.nn.Module, slot: _Slot, current, saved: dict, changes: dict) -> None:
     """Put a module back as it was before a failed switch: the base where the switch wrote, then the
     old subject's tensors over it again."""
     state = module.state_dict()
-    for key in set(slot.saved) | set(saved):  # every key the switch may have written has its base here
-        state[key].copy_(saved.get(key, slot.saved.get(key)))
-    for key, change in changes.items():
-        _write(state[key], saved[key], change)
+    with _writing(state):
+        for key in set(slot.saved) | set(saved):  # every key the switch may have written has its base here
+            state[key].copy_(saved.get(key, slot.saved.get(key)))
+        for key, change in changes.items():
+            _write(state[key], saved[key], change)
     slot.current, slot.saved, slot.changes = current, saved, changes

@@ -63,11 +63,11 @@ class RankRule:
         if self.mode not in MODES:
             raise UsageError(f"unknown rank mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.mode == "energy" and not 0.0 < self.value <= 1.0:
-            raise UsageError(f"--energy must be in (0, 1], got {self.value:g}")
+            raise UsageError(f"energy (--energy) must be in (0, 1], got {self.value:g}")
         if self.mode == "max-error" and not 0.0 <= self.value < 1.0:
-            raise UsageError(f"--max-error must be in [0, 1), got {self.value:g}")
+            raise UsageError(f"max_error (--max-error) must be in [0, 1), got {self.value:g}")
         if self.mode == "budget" and self.value <= 0:
-            raise UsageError(f"--budget must be positive, got {self.value:g}")
+            raise UsageError(f"budget (--budget) must be positive, got {self.value:g}")
 
     @property
     def lossless(self) -> bool:
@@ -421,7 +421,7 @@ def estimate(layers: list[LayerSpectrum], fixed: list[FixedTensor], rule: RankRu
     measures and corrects), never more than the budget.
     """
     if rule.mode == "exact":
-        raise UsageError("exact pushes cannot be estimated from spectra; push with --exact to see their size")
+        raise UsageError("exact pushes cannot be estimated from spectra; push with exact=True (--exact) to see their size")
     dense_dtype = encodings.dense_dtype(encoding)
     fixed_bytes = sum(dense_bound((f.numel,), dense_dtype if f.itemsize is None else codec.INT_OF_SIZE[f.itemsize]) for f in fixed)
     params = sum(f.numel for f in fixed)

@@ -318,9 +318,9 @@ class Registry:
         """Store a retention policy for gc to apply (``max_age`` in seconds)."""
         validate_name(name, "policy")
         if keep_last is None and max_age is None:
-            raise UsageError("a retention policy needs --keep-last or --max-age (or both)")
+            raise UsageError("a retention policy needs keep_last or max_age (--keep-last, --max-age), or both")
         if keep_last is not None and keep_last < 1:
-            raise UsageError("--keep-last must be at least 1")
+            raise UsageError("keep_last (--keep-last) must be at least 1")
         if not re.fullmatch(r"[A-Za-z0-9._*-]{1,256}", pattern):
             raise UsageError(f"invalid subject pattern {pattern!r}: use name characters and * wildcards")
         return self.catalog.set_policy(name, pattern, keep_last, None if max_age is None else int(max_age))
@@ -335,7 +335,7 @@ class Registry:
         """Apply retention policies, then delete unreferenced objects older than ``grace`` seconds, and
         the half-written outputs of checkouts on this machine whose process was killed."""
         if grace < 0:
-            raise UsageError("--grace cannot be negative")
+            raise UsageError("grace (--grace) cannot be negative")
         from dataclasses import replace
 
         from . import gc
