@@ -2,14 +2,17 @@
 
     pip install -e '.[diffusers]' && python examples/serve_subjects.py
 
-A service keeps its base pipeline in memory and, per request, writes the asked-for subject's deltas
-into its UNet and text encoder: no checkpoint file is written or read, and switching among a
-working set of subjects reads nothing from the store once their factors are cached. The pipeline
+A service keeps its base pipeline in memory and serves requests (subject, prompt) from a queue: per
+request it writes the asked-for subject's deltas into the UNet and text encoder. No checkpoint file
+is written or read, and switching among a working set of subjects reads nothing from the store
+once their factors are in the (bounded) factor cache; it prints switches per second and the
+cache's hit rate. The pipeline
 here is tiny and built offline (dsreg.sd_tiny); with a real one, only the paths change.
 """
 
 from __future__ import annotations
 
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="dsreg-serve-") as tmp:
         work = Path(tmp)
-        reg = Registry.open(home=work / "registry")
+        reg = Registry.open(home=work / "registry", factor_cache="4MB")  # bounded: the least recently used go
         sd_tiny.tiny_pipeline(work / "tok").save_pretrained(work / "base")
         reg.add_base(work / "base", "sd-tiny")
         for i, name in enumerate(["corgi", "tabby", "teapot"]):  # three DreamBooth-style fine-tunes
@@ -53,22 +56,36 @@ def main() -> None:
 
         pipe = load(work / "base")  # the one resident pipeline
         plain = render(pipe)
+        references = {name: render(load(work / name)) for name in ("corgi", "tabby", "teapot")}  # the fine-tunes' own
+
+        # The service: requests (subject, prompt) from a queue, one resident pipeline, a bounded factor cache.
+        requests: queue.Queue = queue.Queue()
         for name in ["corgi", "tabby", "corgi", "teapot", "tabby"]:
+            requests.put((name, f"a photo of sks {name}"))
+        requests.put(None)  # the end of the day
+        reg.factors.hits = reg.factors.misses = 0
+        held, switches, switching = None, 0, 0.0
+        while (request := requests.get()) is not None:
+            name, prompt = request
             started = time.perf_counter()
             held = reg.apply(pipe, name)  # switches from whatever subject the pipeline holds
             switched = time.perf_counter() - started
+            switches, switching = switches + 1, switching + switched
             image = render(pipe)
-            reference = render(load(work / name))  # what the fine-tune itself renders
             print(
                 f"{name:>7}: switched in {switched * 1e3:5.1f} ms; image differs from the base's by "
-                f"{(image - plain).abs().max():.3f}, from the fine-tune's own by {(image - reference).abs().max():.4f}"
+                f"{(image - plain).abs().max():.3f}, from the fine-tune's own by {(image - references[name]).abs().max():.4f}"
             )
+        lookups = reg.factors.hits + reg.factors.misses
+        print(
+            f"served {switches} requests: {switches / switching:.1f} switches/s, factor cache hit rate "
+            f"{reg.factors.hits / lookups:.0%} ({reg.factors.nbytes / 1e3:.0f} kB of its {reg.settings.factor_cache / 1e3:.0f} kB)"
+        )
         held.restore()  # the base's bits again
         with reg.apply(pipe, "teapot"):  # for one request; leaving the block gives back what the pipeline held
             render(pipe)
         assert torch.equal(render(pipe), plain)
-        print(f"restored: the base renders as before; factor cache {reg.factors.nbytes / 1e3:.0f} kB "
-              f"({reg.factors.hits} hits, {reg.factors.misses} misses)")
+        print("restored: the base renders as before")
         reg.close()
 
 

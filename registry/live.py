@@ -316,11 +316,13 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
     """The modules an apply writes, by component ("" for a bare module), with the subject's entries
     by the module's own keys."""
     if isinstance(target, torch.nn.Module):
+        target = _unwrapped(target)
         component, entries = _component_for(target, rev)
         return {component: (target, entries)}
     modules = getattr(target, "components", None)
     if not isinstance(modules, dict):
         raise UsageError(f"cannot apply a subject to a {type(target).__name__}: give a torch.nn.Module or a diffusers pipeline")
+    modules = {c: _unwrapped(m) if isinstance(m, torch.nn.Module) else m for c, m in modules.items()}
     if not rev.pipeline:
         component = rev.component
         if component is None:  # a single model: the pipeline's module whose keys it has
@@ -344,6 +346,12 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
             raise BaseMismatch(f"the pipeline has no module {component!r}, which {rev.ref} changes")
         parts[component] = (module, entries)
     return parts
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under torch.compile's wrapper, which shares its parameters: writing them
+    in place is what a compiled graph reads next, with no recompile."""
+    return getattr(module, "_orig_mod", module)
 
 
 def _holds(module: torch.nn.Module) -> bool:

@@ -420,3 +420,4 @@ def test_the_serving_example_runs(tmp_path):
     done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("switched in") == 5 and "restored: the base renders as before" in done.stdout
+    assert "switches/s, factor cache hit rate" in done.stdout
