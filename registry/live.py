@@ -39,7 +39,7 @@ from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
 from .names import Ref, as_ref
 from .records import Progress, quiet
 
-KEEP = ("device", "host")
+KEEP = ("device", "host", "mapped")
 # fingerprint: every touched tensor's fingerprint, on its device, against the base's (the default);
 # all: every touched tensor's sha256 against the base's digest, on the host. "sample" was the old
 # default's name (8 digests), now the fingerprint check.
@@ -139,6 +139,8 @@ class _Slot:
     # by dsreg since. An in-place change by anyone bumps the version counter, which state_dict's
     # detached tensors share with the parameters, so a match means nothing changed it since.
     known_base: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # module key -> the base value in the machine's mapped copy of the base (keep="mapped")
+    mapped: dict[str, torch.Tensor] = field(default_factory=dict)
     changes: dict[str, "_Change"] = field(default_factory=dict)  # module key -> what the current subject wrote
     frames: list["_Frame"] = field(default_factory=list)  # open with blocks, outermost first
 
@@ -290,6 +292,8 @@ def apply(reg, target: Any, ref: str | Ref, *, keep: str = "device", check: str 
             _check_fit(rev, where, state, entries)
             touched = {k: e for k, e in entries.items() if e.kind not in _UNCHANGED}
             _check_values(reg, rev, where, state, slots[component], touched, check)
+            if keep == "mapped":
+                _map_base(reg, rev, slots[component], touched)
             plans[component] = (module, state, _fetch(reg, rev, state, touched))
         handle = Applied(rev.ref, rev.base, {c: slots[c] for c in plans}, {c: changes for c, (_, _, changes) in plans.items()}, keep)
         # Phase two: arithmetic in memory, undone on failure.
@@ -431,6 +435,19 @@ def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, tou
             )
 
 
+def _map_base(reg, rev: _Revision, slot: _Slot, touched: dict[str, StoredEntry]) -> None:
+    """Where the touched tensors' base values are in this machine's mapped copy of the base (made
+    from the store the first time): restore and switches read them from there. A tensor that grew
+    rows has no base value of its shape there and is copied as with keep="device"."""
+    from .mapped import mapped_base
+
+    base = mapped_base(reg, rev.base)
+    for key, entry in touched.items():
+        t = rev.base_tensors.get(entry.key)
+        if key not in slot.mapped and t is not None and tuple(t.shape) == tuple(entry.shape):
+            slot.mapped[key] = base.tensor(t.key)
+
+
 def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
     """Where a tensor is and how often it was changed in place; None for an inference tensor,
     which keeps no version counter (it is then checked on every apply)."""
@@ -495,7 +512,7 @@ def _switch_to(slot: _Slot, state: dict, changes: dict[str, _Change], keep: str)
     for key, change in changes.items():
         tensor = state[key]
         if key not in slot.saved:
-            slot.saved[key] = _copy(tensor, keep)
+            slot.saved[key] = slot.mapped[key] if keep == "mapped" and key in slot.mapped else _copy(tensor, keep)
         _write(tensor, slot.saved[key], change)
         slot.changes[key] = change
 
@@ -504,6 +521,10 @@ def _write(tensor: torch.Tensor, base: torch.Tensor, change: _Change) -> None:
     entry = change.entry
     dtype = codec.dtype_of(entry.dtype)
     source = change.base if change.base is not None else base
+    if change.base is None and source.dtype != tensor.dtype:
+        # A mapped base value in the base's dtype: the module's own base is its cast, and the
+        # change is formed on that, as with a copy of the module's value.
+        source = source.to(tensor.dtype)
     if tensor.dtype == dtype and tensor.is_contiguous():
         # In the module's own memory: a fresh tensor per layer would cost page faults on every byte.
         tensor.copy_(source)
@@ -515,7 +536,7 @@ def _write(tensor: torch.Tensor, base: torch.Tensor, change: _Change) -> None:
 
 
 def _copy(tensor: torch.Tensor, keep: str) -> torch.Tensor:
-    if keep == "device" or tensor.device.type == "cpu":
+    if keep in ("device", "mapped") or tensor.device.type == "cpu":
         return tensor.detach().clone()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
     host.copy_(tensor)

@@ -204,7 +204,8 @@ class Registry:
         subject changes are written). Leaving a ``with`` block (or ``restore()`` on its handle)
         gives the module back exactly what it held when the block was entered, the base's bits or
         an outer block's subject (docs/python-api.md lists the rules); ``keep`` says where the base
-        values it needs wait: on the module's ``"device"`` or in ``"host"`` memory. Before anything is
+        values it needs wait: on the module's ``"device"``, in ``"host"`` memory, or ``"mapped"``: in this
+        machine's memory-mapped copy of the base, shared through the page cache (no copy kept). Before anything is
         written, the module must have the subject's keys and shapes, and the touched tensors the
         base's values (``check="fingerprint"``: every one by a fingerprint formed on its device, and
         not again while its version counter says nothing changed it; ``"all"``: every one by sha256

@@ -130,3 +130,27 @@ def test_switching_under_inductor_never_recompiles_and_renders_each_subject(thre
                 three.apply(module, name)
                 three.apply(eager, name)
                 assert torch.allclose(compiled(x, t, tokens), eager(x, t, tokens), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_keep_mapped_restores_from_the_machines_mapped_base_with_the_same_bits(three, models, dtype, tmp_path):
+    from dsreg import live
+
+    by_copy, by_map = _module(models, dtype), _module(models, dtype)
+    base = _bits(by_map)
+    for name in ("s1", "s2", "s3", "s1"):
+        three.apply(by_copy, name)
+        three.apply(by_map, name, keep="mapped")
+        assert _same(_bits(by_map), _bits(by_copy)), name
+    slot = live._slots[by_map]
+    assert slot.saved and all(slot.saved[k].data_ptr() == slot.mapped[k].data_ptr() for k in slot.saved)  # no copies kept
+    with three.apply(by_map, "s2", keep="mapped"):
+        pass
+    assert _same(_bits(by_map), _bits(by_copy))
+    three.apply(by_map, "s3", keep="mapped").restore()
+    assert _same(_bits(by_map), base)
+    (made,) = (tmp_path / "registry" / "mapped").iterdir()
+    stamp = made.stat().st_mtime_ns
+    with Registry.open(home=tmp_path / "registry") as other:  # another registry on the machine maps the same file
+        other.apply(_module(models, dtype), "s2", keep="mapped").restore()
+    assert made.stat().st_mtime_ns == stamp and len(list(made.parent.iterdir())) == 1
