@@ -85,20 +85,29 @@ def step(args) -> dict:
     order = list(SUBJECTS) + list(SUBJECTS) * 2  # first round cold, then warm
     times = []
     with torch.no_grad():
-        if args.step == "apply":
+        if args.step in ("apply", "apply-mapped"):
+            from dsreg import live
+
+            keep = "mapped" if args.step == "apply-mapped" else "device"
             with Registry.open(home=work / "registry") as reg:
+                if keep == "mapped":  # the page cache holds the mapped base, as on a serving machine after its first minutes
+                    from dsreg.mapped import mapped_base
+
+                    with open(mapped_base(reg, "sd15").path, "rb") as fh:
+                        while fh.read(64 << 20):
+                            pass
                 for name in order:
                     t = time.perf_counter()
-                    handle = reg.apply(unet, name)
+                    handle = reg.apply(unet, name, keep=keep)
                     times.append(time.perf_counter() - t)
-                from dsreg import live
-
-                saved_mb = sum(v.numel() * v.element_size() for v in live._slots[unet].saved.values()) / 1e6
+                slot = live._slots[unet]
+                saved_mb = sum(v.numel() * v.element_size() for k, v in slot.saved.items() if k not in slot.mapped) / 1e6
                 cache_mb, limit_mb = reg.factors.nbytes / 1e6, reg.settings.factor_cache / 1e6
+                extra = {} if keep == "mapped" else _products_and_checks(reg, unet, slot, order[-1], times[4:])
                 handle.restore()
             return {
                 "first": times[0], "cold": times[1:4], "warm": times[4:], "model_mb": model_mb, "process_mb": process_mb,
-                "saved_mb": saved_mb, "cache_mb": cache_mb, "cache_limit_mb": limit_mb, "rss_mb": _peak_rss_mb(),
+                "saved_mb": saved_mb, "cache_mb": cache_mb, "cache_limit_mb": limit_mb, "rss_mb": _peak_rss_mb(), **extra,
             }
         if args.step == "file":
             from safetensors.torch import load_file
@@ -123,6 +132,39 @@ def step(args) -> dict:
                 previous = name
             return {"first": times[0], "switch": times[1:], "model_mb": model_mb, "rss_mb": _peak_rss_mb()}
     raise SystemExit(f"unknown step {args.step}")
+
+
+def _products_and_checks(reg, unet, slot, held: str, warm: list[float]) -> dict:
+    """What a warm switch is bound by, measured beside it: the same addmm calls on preallocated
+    fp32 tensors (the subject's factors, decoded as the switch decodes them), and the default
+    check on a module seen for the first time (every touched tensor fingerprinted) and again
+    (version counters compared)."""
+    from dsreg import encodings, live
+    from dsreg.names import Ref
+
+    state = unet.state_dict()
+    entries = [e for e in reg.catalog.entries(Ref(held, reg.revision(held).number)) if e.kind == "lowrank"]
+    work = {e.key: (state[e.key].detach().float().clone(), encodings.decode_factors(live.cached_blob(reg, e))) for e in entries}
+    heavy = sum(1 for e in entries if work[e.key][1][0].shape[1] * sum(work[e.key][0].view(work[e.key][0].shape[0], -1).shape)
+                >= work[e.key][0].numel())
+    products = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for w, (a, b) in work.values():
+            w.view(w.shape[0], -1).addmm_(a, b)
+        products.append(time.perf_counter() - t)
+    del work
+    t = time.perf_counter()
+    for key in slot.changes:
+        live.fingerprint(state[key])
+    first_check = time.perf_counter() - t
+    rev = live._revision(reg, held)
+    touched = {k: e for k, e in live._by_component(rev, None).items() if e.kind not in live._UNCHANGED}
+    t = time.perf_counter()
+    live._check_values(reg, rev, "unet", state, slot, touched, "fingerprint")
+    repeat_check = time.perf_counter() - t
+    return {"products": products, "first_check": first_check, "repeat_check": repeat_check, "lowrank": len(entries),
+            "denser_than_dense": heavy, "warm_of_held": warm[-1]}
 
 
 def run_step(name: str, **kw) -> dict:
@@ -174,7 +216,7 @@ def main() -> None:
     print(describe_machine(), flush=True)
     base, work = prepare(Path(args.cache), args.tau)
     print("page cache dropped before each step" if drop_caches() else "page cache NOT dropped (not root); subject files evicted", flush=True)
-    results = {name: run_step(name, base=base, work=work) for name in ("apply", "file", "lora")}
+    results = {name: run_step(name, base=base, work=work) for name in ("apply", "apply-mapped", "file", "lora")}
     results.update({name: run_step(name, base=base, work=work) for name in ("load", "checkout-load")})
     report(results, args.tau)
 
@@ -194,6 +236,21 @@ def report(r: dict, tau: float) -> None:
     print(f"| serving peak RSS (apply) | {a['rss_mb']:.0f} MB: process {a['process_mb']:.0f} + model {a['model_mb']:.0f} + base copies {a['saved_mb']:.0f} "
           f"+ cache {a['cache_mb']:.0f} (limit {a['cache_limit_mb']:.0f}) | "
           f"<= {budget:.0f} MB | {'yes' if a['rss_mb'] <= budget else 'NO'} |")
+    products = min(a["products"])
+    held = a["warm_of_held"]
+    print(f"| warm switch / its addmm products alone | {held:.2f} s / {products:.2f} s = {held / products:.2f}x | <= 1.15x | "
+          f"{'yes' if held <= 1.15 * products else 'NO'} |")
+    print(f"| default check, module seen first (every touched tensor fingerprinted) / warm switch | {a['first_check']:.3f} s / {warm:.2f} s = "
+          f"{a['first_check'] / warm:.3f}x | <= 0.05x | {'yes' if a['first_check'] <= 0.05 * warm else 'NO'} |")
+    print(f"| default check, repeat switch (version counters) / warm switch | {a['repeat_check'] * 1e3:.2f} ms / {warm:.2f} s = "
+          f"{a['repeat_check'] / warm:.5f}x | <= 0.05x | {'yes' if a['repeat_check'] <= 0.05 * warm else 'NO'} |")
+    m = r["apply-mapped"]
+    mapped_warm = statistics.median(m["warm"])
+    print(f"| warm switch, keep=mapped (page cache warm) / keep=device | {mapped_warm:.2f} s / {warm:.2f} s = {mapped_warm / warm:.2f}x | <= 1.3x | "
+          f"{'yes' if mapped_warm <= 1.3 * warm else 'NO'} |")
+    print(f"| serving peak RSS, keep=mapped / keep=device | {m['rss_mb']:.0f} MB (base copies {m['saved_mb']:.0f}) / {a['rss_mb']:.0f} MB | | |")
+    print(f"\n{a['denser_than_dense']} of the held subject's {a['lowrank']} low-rank layers keep so many directions that their factors "
+          "hold more values than the dense delta: their product costs more than reading a dense delta would")
     print(f"\n| way to switch subjects | first | switch (median) | peak RSS |\n|---|---:|---:|---:|")
     print(f"| dsreg apply, cold factor cache | {a['first']:.2f} s | {cold:.2f} s | {a['rss_mb']:.0f} MB |")
     print(f"| dsreg apply, warm factor cache | | {warm:.2f} s | |")

@@ -446,6 +446,7 @@ class Catalog:
                     .join(RevisionRow, RevisionRow.base_id == BaseTensorRow.base_id)
                     .join(SubjectRow, SubjectRow.id == RevisionRow.subject_id)
                     .where(BaseTensorRow.blob_digest.in_(chunk))
+                    .distinct()
                     .order_by(SubjectRow.name, RevisionRow.number)
                 ):
                     users[digest].append(BlobUser("revision", name, "", "", number))

@@ -444,7 +444,7 @@ def _map_base(reg, rev: _Revision, slot: _Slot, touched: dict[str, StoredEntry])
     base = mapped_base(reg, rev.base)
     for key, entry in touched.items():
         t = rev.base_tensors.get(entry.key)
-        if key not in slot.mapped and t is not None and tuple(t.shape) == tuple(entry.shape):
+        if key not in slot.saved and t is not None and tuple(t.shape) == tuple(entry.shape):
             slot.mapped[key] = base.tensor(t.key)
 
 
@@ -527,6 +527,12 @@ def _write(tensor: torch.Tensor, base: torch.Tensor, change: _Change) -> None:
         source = source.to(tensor.dtype)
     if tensor.dtype == dtype and tensor.is_contiguous():
         # In the module's own memory: a fresh tensor per layer would cost page faults on every byte.
+        if entry.kind == "lowrank" and dtype == torch.float32 and "appended" not in change.stored and source.device == tensor.device:
+            # One product onto the kept base: W = W_base + A·B in one pass, not a copy and then an add.
+            a, b = encodings.decode_factors(change.stored)
+            rows = tensor.shape[0]
+            torch.addmm(source.reshape(rows, -1), a.to(tensor.device), b.to(tensor.device), out=tensor.view(rows, -1))
+            return
         tensor.copy_(source)
         deltas.apply(entry.kind, tensor, change.stored, tensor.device)
         return
