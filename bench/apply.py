@@ -8,9 +8,13 @@ Every measured step runs in a fresh process that first loads the base UNet (the 
 after the page cache is dropped (root) or the subject files are evicted from it:
 
 - apply: switch the resident UNet among the subjects; cold (factors read from the store) and warm
-  (factor cache hit);
+  (factor cache hit); beside it, the same addmm calls alone on preallocated tensors, and the
+  default check's cost on a module seen for the first time and on a repeat switch;
+- apply-mapped: the same with ``keep="mapped"`` (no base copies kept), the page cache holding the
+  machine's mapped base;
 - file: ``safetensors.torch.load_file`` of the subject's checked-out file + ``load_state_dict``;
-- lora: diffusers' ``load_lora_adapter`` + ``fuse_lora`` of the subject's exported LoRA (peft keys),
+- lora: diffusers' ``load_lora_adapter`` + ``fuse_lora`` of the subject's exported low-rank factors (peft keys,
+  ``--factors-only``: with bias deltas as ``lora_B.bias``, ``fuse_lora`` refuses layers without a bias),
   and ``unfuse_lora`` + ``delete_adapters`` to leave the previous one;
 - load vs checkout: ``Registry.load`` against ``checkout`` + ``load_file``, with no model resident.
 
@@ -121,12 +125,12 @@ def step(args) -> dict:
         if args.step == "lora":
             previous = None
             for name in SUBJECTS:
-                _evict(work / f"{name}-lora.safetensors")
+                _evict(work / f"{name}-lora-factors.safetensors")
                 t = time.perf_counter()
                 if previous:
                     unet.unfuse_lora()
                     unet.delete_adapters(previous)
-                unet.load_lora_adapter(str(work / f"{name}-lora.safetensors"), prefix="unet", adapter_name=name)
+                unet.load_lora_adapter(str(work / f"{name}-lora-factors.safetensors"), prefix="unet", adapter_name=name)
                 unet.fuse_lora()
                 times.append(time.perf_counter() - t)
                 previous = name
@@ -183,6 +187,7 @@ def prepare(cache: Path, tau: float) -> tuple[Path, Path]:
     base, first = build_pair(cache)
     work = cache / f"apply-tau{tau}"
     if (work / "ready").exists():
+        _export_factors(work)
         return base, work
     work.mkdir(parents=True, exist_ok=True)
     with Registry.open(home=work / "registry") as reg:
@@ -197,9 +202,21 @@ def prepare(cache: Path, tau: float) -> tuple[Path, Path]:
             rev = reg.push(ft, name, energy=tau)
             print(f"pushed {rev.ref} at tau {tau}: {rev.stored_bytes / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s", flush=True)
             reg.checkout(name, work / f"{name}.safetensors")
-            reg.export_lora(name, work / f"{name}-lora.safetensors", format="peft", dtype="fp32")
+    _export_factors(work)
     (work / "ready").touch()
     return base, work
+
+
+def _export_factors(work: Path) -> None:
+    """Each subject's low-rank factors as a peft LoRA, the part of it diffusers fuses: with the bias
+    deltas that peft calls lora_B.bias, diffusers' fuse_lora refuses every layer that has no bias."""
+    from dsreg import Registry
+
+    with Registry.open(home=work / "registry") as reg:
+        for name in SUBJECTS:
+            path = work / f"{name}-lora-factors.safetensors"
+            if not path.exists():
+                reg.export_lora(name, path, format="peft", dtype="fp32", factors_only=True)
 
 
 def main() -> None:
@@ -255,7 +272,7 @@ def report(r: dict, tau: float) -> None:
     print(f"| dsreg apply, cold factor cache | {a['first']:.2f} s | {cold:.2f} s | {a['rss_mb']:.0f} MB |")
     print(f"| dsreg apply, warm factor cache | | {warm:.2f} s | |")
     print(f"| checked-out file, cold page cache: load_file + load_state_dict | | {file_load:.2f} s | {f['rss_mb']:.0f} MB |")
-    print(f"| exported LoRA: diffusers unfuse + delete + load_lora_adapter + fuse_lora | {lo['first']:.2f} s | {lora:.2f} s | {lo['rss_mb']:.0f} MB |")
+    print(f"| exported LoRA factors: diffusers unfuse + delete + load_lora_adapter + fuse_lora | {lo['first']:.2f} s | {lora:.2f} s | {lo['rss_mb']:.0f} MB |")
     print(f"| Registry.load (no model resident) | | {r['load']['seconds']:.1f} s | {r['load']['rss_mb']:.0f} MB |")
     print(f"| checkout + load_file (no model resident) | | {r['checkout-load']['seconds']:.1f} s | {r['checkout-load']['rss_mb']:.0f} MB |")
 

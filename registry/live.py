@@ -33,7 +33,7 @@ from . import codec, deltas, encodings
 from .bases import base_map, base_tensor, can_grow, component_tensors, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkout import CHECKOUT_LANES, _rebuild_into, entry_blob
-from .concurrency import Scratch, prefetch, threads_per_lane
+from .concurrency import Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import resolve_device
 from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
 from .names import Ref, as_ref
@@ -44,8 +44,8 @@ KEEP = ("device", "host", "mapped")
 # all: every touched tensor's sha256 against the base's digest, on the host. "sample" was the old
 # default's name (8 digests), now the fingerprint check.
 CHECKS = ("fingerprint", "all", "sample")
-# Elements a fingerprint reduces at a time: its int64 working copy stays at 128 MB on the device.
-FINGERPRINT_CHUNK = 1 << 24
+# A fingerprint reads a tensor's bits as rows of this many integers (sums by row and by column).
+FINGERPRINT_WIDTH = 4096
 _UNCHANGED = ("base", "dropped")
 
 
@@ -456,24 +456,34 @@ def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
 
 @torch.no_grad()
 def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Two int64 sums over a tensor's bits, on its own device (nothing is copied to the host): of
-    the values as integers, and of each weighted by its position mod 65521, so that changed values
-    and moved ones both show. Equal bits give equal fingerprints on any device."""
+    """Three int64 sums over a tensor's bits, on its own device (nothing is copied to the host):
+    the bits are read as integers laid out in rows of FINGERPRINT_WIDTH, and summed whole, row by
+    row weighted by the row's number, and column by column weighted by the column's, so that a
+    changed value shows and so does one moved to another place. Integer sums do not depend on the
+    order of the additions: equal bits give equal fingerprints on any device."""
     flat = tensor.detach().reshape(-1)
     if flat.is_floating_point():
         flat = flat.view(codec.INT_OF_SIZE[flat.element_size()])
-    out = torch.zeros(2, dtype=torch.int64, device=flat.device)
-    for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
-        part = flat[start : start + FINGERPRINT_CHUNK].to(torch.int64)
-        weight = torch.arange(start, start + part.numel(), device=flat.device, dtype=torch.int64).remainder_(65521).add_(1)
-        out[0] += part.sum()
-        out[1] += (part * weight).sum()
-    return out
+    n = flat.numel() - flat.numel() % FINGERPRINT_WIDTH
+    grid = flat[:n].view(-1, FINGERPRINT_WIDTH)
+    rows = grid.sum(dim=1, dtype=torch.int64)
+    cols = grid.sum(dim=0, dtype=torch.int64)
+    tail = flat[n:].to(torch.int64)  # the last, short row
+    rows = torch.cat([rows, tail.sum().reshape(1)])
+    cols[: tail.numel()] += tail
+    weight = lambda k: torch.arange(1, k + 1, dtype=torch.int64, device=flat.device)  # noqa: E731
+    return torch.stack([rows.sum(), (rows * weight(rows.numel())).sum(), (cols * weight(cols.numel())).sum()])
 
 
 def _base_fingerprint(reg, t: BaseTensor, dtype: torch.dtype) -> torch.Tensor:
     """The fingerprint of base tensor ``t`` cast to ``dtype``, read from the store once per process."""
-    return reg.fingerprints.get((t.tensor_digest, str(dtype)), lambda: fingerprint(base_tensor(reg, t).to(dtype)))
+    def compute() -> torch.Tensor:
+        # A first apply reads every touched base tensor once: freed tensors go back to the system,
+        # not into malloc's arenas, where they raised a serving process's peak by the base's size.
+        return_large_frees()
+        return fingerprint(base_tensor(reg, t).to(dtype))
+
+    return reg.fingerprints.get((t.tensor_digest, str(dtype)), compute)
 
 
 def _fetch(reg, rev: _Revision, state: dict, touched: dict[str, StoredEntry]) -> dict[str, _Change]:

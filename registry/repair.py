@@ -28,9 +28,10 @@ def repair(reg, paths: list[str | os.PathLike], progress: Progress | None = None
     progress = progress or quiet
     report = gc.verify(reg.catalog, reg.store, full=True, progress=progress)
     bad = dict(report.missing) | {d: problem for d, problem in report.corrupt}
+    users = reg.catalog.blob_users(list(bad))
+    bad = {d: problem for d, problem in bad.items() if users[d]}  # a damaged orphan is gc's to remove, not to repair
     if not bad:
         return RepairReport(report.checked, (), ())
-    users = reg.catalog.blob_users(list(bad))
     fixed: dict[str, str] = {}
     why_not: dict[str, str] = {}
     with writer_lease(reg, "repair") as lease:
