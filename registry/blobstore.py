@@ -64,6 +64,10 @@ class BlobStore:
         if url.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")):
             # Several processes write one store: a cached listing would hide their objects.
             storage_options.setdefault("use_listings_cache", False)
+            # A client of its own, made from the endpoint and credentials in force now: fsspec's
+            # shared instance would keep those of the first open in this process (a reader's key,
+            # or an endpoint that has changed since).
+            storage_options.setdefault("skip_instance_cache", True)
         try:
             self.fs, root = fsspec.url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:
