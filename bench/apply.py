@@ -277,7 +277,7 @@ def report(r: dict, tau: float) -> None:
           f"shared by every process) / {a['rss_mb']:.0f} MB | | |")
     print(f"\n{a['denser_than_dense']} of the held subject's {a['lowrank']} low-rank layers keep so many directions that their factors "
           "hold more values than the dense delta: their product costs more than reading a dense delta would")
-    print(f"\n| way to switch subjects | first | switch (median) | peak RSS |\n|---|---:|---:|---:|")
+    print("\n| way to switch subjects | first | switch (median) | peak RSS |\n|---|---:|---:|---:|")
     print(f"| dsreg apply, cold factor cache | {a['first']:.2f} s | {cold:.2f} s | {a['rss_mb']:.0f} MB |")
     print(f"| dsreg apply, warm factor cache | | {warm:.2f} s | |")
     print(f"| checked-out file, cold page cache: load_file + load_state_dict | | {file_load:.2f} s | {f['rss_mb']:.0f} MB |")

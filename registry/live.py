@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import codec, deltas, encodings
-from .bases import base_map, base_tensor, can_grow, component_tensors, with_ema_mirrors
+from .bases import base_map, base_tensor, can_grow, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkout import CHECKOUT_LANES, _rebuild_into, entry_blob
 from .concurrency import Scratch, prefetch, return_large_frees, threads_per_lane

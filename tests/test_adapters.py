@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsreg import BaseMismatch, CheckpointError, IntegrityError, Registry, UsageError, sd_tiny
+from dsreg import BaseMismatch, CheckpointError, IntegrityError, Registry, sd_tiny
 from dsreg.deltasvd import FactoredSpectrum
 from dsreg.names import Ref
 from dsreg.tables import DerivedRow
