@@ -173,13 +173,15 @@ def push(obj: Context, path, subject, base_name, energy, max_error, budget, exac
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file or folder (default: SUBJECT-REV with the pushed format's suffix).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "ckpt", "diffusers"]), help="Output format (default: from -o's suffix, else as pushed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where W + A·B is computed.")
+@click.option("--layout", type=click.Choice(["original", "diffusers"]),
+              help="Tensor names and cuts: the model family's original release (fused q/k/v) or diffusers' (default: as pushed).")
 @click.option("--verify", is_flag=True, help="Check every losslessly stored tensor against the digest recorded at push.")
 @force_option
 @click.pass_obj
-def checkout(obj: Context, ref, output, fmt, device, verify, force):
+def checkout(obj: Context, ref, output, fmt, layout, device, verify, force):
     """Rebuild the full checkpoint of SUBJECT[@REV]."""
     with obj.bars() as bars:
-        result = obj.registry().checkout(ref, output, format=fmt, device=device, verify=verify, overwrite=force, progress=bars)
+        result = obj.registry().checkout(ref, output, format=fmt, layout=layout, device=device, verify=verify, overwrite=force, progress=bars)
     click.echo(f"{result.ref} -> {result.path}  {result.format}  {result.n_tensors} tensors  {size(result.nbytes)}  on {result.device}")
     if verify:
         lossy = f"; {result.lossy} stored lossy by design (not bit-identical)" if result.lossy else ""

@@ -14,12 +14,13 @@ import socket
 
 import torch
 
-from . import codec
+from . import codec, families
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease
 from .checkpoint import Checkpoint, open_checkpoint
 from .concurrency import Background, Scratch
 from .config import BASE_ZSTD_LEVEL
 from .errors import Conflict, IntegrityError
+from .families import ModelLayout
 from .names import validate_name
 from .records import BaseInfo, Progress, quiet
 from .scan import Scan, Scanned
@@ -49,11 +50,40 @@ def add_base(reg, path: str | os.PathLike, name: str, progress: Progress | None 
         if existing is not None:
             heal_base(reg, existing, ckpt.get, progress)
             return existing, False
+        model = families.detect(s.key for s in ckpt.specs)
+        same = _in_other_layout(reg, ckpt, model, progress) if model is not None else None
+        if same is not None:
+            log.info("%s holds the weights of base %s in another layout (%s); it is that base", path, same.name, model)
+            return same, False
         if any(b.name == name for b in reg.catalog.bases()):
             raise Conflict(f"a different base is already named {name!r}; choose another --name")
         with writer_lease(reg, f"base add {name}") as lease:
             tensors, blobs = _upload_base_tensors(reg, ckpt, scanned, lease, progress)
-            return reg.catalog.add_base(name, digest, ckpt.layout.to_json(), tensors, blobs, scanned.nbytes, lease.id), True
+            layout = {**ckpt.layout.to_json(), "model": model.to_json() if model else None}
+            return reg.catalog.add_base(name, digest, layout, tensors, blobs, scanned.nbytes, lease.id), True
+
+
+def _in_other_layout(reg, ckpt: Checkpoint, model: ModelLayout, progress: Progress) -> BaseInfo | None:
+    """The registered base of ``model``'s family, stored in another layout, whose every weight is
+    one of ``ckpt``'s converted to that layout bit for bit; None if there is none. The same weights
+    in two layouts are one base: one set of blobs, and a subject in either layout fits it."""
+    for info in reg.catalog.bases():
+        theirs = base_model_layout(reg.catalog, info.name)
+        if theirs is None or theirs.family != model.family or theirs == model:
+            continue
+        tensors = {t.key: t for t in reg.catalog.base_tensors(info.name) if not is_file_key(t.key, t)}
+        view = families.convert_checkpoint(ckpt, model, theirs)
+        weights = [s for s in view.specs if s.key in tensors]
+        if len(weights) != len(tensors) or any(tensors[s.key].shape != s.shape or tensors[s.key].dtype != s.dtype for s in weights):
+            continue
+        for i, spec in enumerate(weights):
+            if codec.tensor_digest(view.get(spec.key)) != tensors[spec.key].tensor_digest:
+                break
+            progress("compare", i + 1, len(weights))
+        else:
+            heal_base(reg, info, lambda key, view=view: view.get(key), progress)
+            return info
+    return None
 
 
 def _upload_base_tensors(reg, ckpt: Checkpoint, scanned: Scanned, lease: Lease, progress: Progress):
@@ -120,6 +150,15 @@ def rewrite_base_blob(reg, lease: Lease, t: BaseTensor, tensor: torch.Tensor) ->
     lease.claim([digest])
     reg.store.put(data, digest)
     reg.catalog.repoint_base_blob(t.blob, BlobRecord(digest, len(data), raw), t.tensor_digest, lease.id)
+
+
+def base_model_layout(catalog: Catalog, name: str) -> ModelLayout | None:
+    """The family and layout of a base's model tensors (None: no family dsreg knows). Recorded at
+    ``base add``; bases added before that are told by their keys."""
+    layout = catalog.base_layout(name)
+    if "model" in layout:
+        return ModelLayout.from_json(layout["model"])
+    return families.detect(t.key for t in catalog.base_tensors(name))
 
 
 def base_map(catalog: Catalog, name: str, component: str | None = None) -> dict[str, BaseTensor]:

@@ -565,11 +565,12 @@ def fill_safetensors(
     metadata: dict | None = None,
     workers: int = 2,
     done: Callable[[int], None] | None = None,
+    order: list[int] | None = None,
 ) -> None:
     """Write a safetensors file whose tensors are formed in any order: ``fill(i, out)`` writes
-    tensor i into ``out`` (of its spec's dtype and shape) on one of ``workers`` threads, largest
-    tensors first, and each is written at its offset as soon as it is formed. ``done(count)`` is
-    called on this thread as tensors finish.
+    tensor i into ``out`` (of its spec's dtype and shape) on one of ``workers`` threads, in
+    ``order`` (default: largest tensors first), and each is written at its offset as soon as it is
+    formed. ``done(count)`` is called on this thread as tensors finish.
 
     Each thread forms its tensors in one buffer of its own, reused, so no tensor costs fresh
     memory; the file is written with direct I/O where the filesystem allows (registry.directio).
@@ -593,7 +594,8 @@ def fill_safetensors(
                 data[:] = _bytes_of(out)
             out_file.write(start, data)
 
-        order = sorted(range(len(specs)), key=lambda i: -specs[i].nbytes)
+        if order is None:
+            order = sorted(range(len(specs)), key=lambda i: -specs[i].nbytes)
         with ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(place, i) for i in order]
             try:

@@ -32,7 +32,8 @@ import torch
 from . import codec, deltas, encodings
 from .bases import base_map, base_tensor, can_grow, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
-from .checkout import CHECKOUT_LANES, _rebuild_into, entry_blob
+from .checkout import CHECKOUT_LANES, Cut, _rebuild_into, converted, entry_blob, model_layouts
+from .checkpoint import TensorSpec
 from .concurrency import Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import resolve_device
 from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
@@ -57,6 +58,7 @@ class _Revision:
     base_tensors: dict[str, BaseTensor]  # by entry key
     component: str | None  # the pipeline component a single model was pushed against
     pipeline: bool  # keys are component/key
+    recorded: dict  # the revision's layout record
 
 
 def _revision(reg, ref: str | Ref) -> _Revision:
@@ -68,7 +70,7 @@ def _revision(reg, ref: str | Ref) -> _Revision:
     base = with_ema_mirrors(base_map(reg.catalog, info.base, recorded.get("base_component")), [e.key for e in entries])
     return _Revision(
         info.ref, info.base, tuple(e for e in entries if e.key not in files), base,
-        recorded.get("base_component"), recorded.get("format") == "pipeline",
+        recorded.get("base_component"), recorded.get("format") == "pipeline", recorded,
     )
 
 
@@ -103,11 +105,12 @@ def cached_blob(reg, entry: StoredEntry, device: torch.device | None = None) -> 
 # ---------------------------------------------------------------- load
 
 
-def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, layout: str | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Registry.load: see its docstring."""
     dev, cast = resolve_device(device), _float_dtype(dtype)
     rev = _revision(reg, ref)
     entries = list(rev.entries)
+    stored, wanted = model_layouts(rev.ref, rev.recorded, [e.key for e in entries], layout)
     progress = progress or quiet
     out = {e.key: torch.empty(e.shape, dtype=codec.dtype_of(e.dtype)) for e in entries}
     # As checkout forms a safetensors file, in lanes, largest first: each base blob is inflated
@@ -117,6 +120,17 @@ def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Pro
         fill = lambda i: _rebuild_into(reg, entries[i], rev.base_tensors, out[entries[i].key], dev, blobs)  # noqa: E731
         for count, _ in enumerate(pool.map(fill, order), 1):
             progress("load", count, len(entries))
+    if stored != wanted:
+        steps = converted([TensorSpec(e.key, e.dtype, e.shape) for e in entries], stored, wanted)
+        cut = Cut(steps, out.pop)
+        result = {}
+        for spec, rule in steps:
+            if rule.renamed is not None:
+                result[spec.key] = out.pop(rule.renamed)
+            else:
+                result[spec.key] = torch.empty(spec.shape, dtype=codec.dtype_of(spec.dtype))
+                cut.fill(rule, result[spec.key], None)
+        out = result
     if cast is not None or dev.type != "cpu":
         for key, tensor in out.items():  # one tensor at a time: memory holds one result, plus one tensor
             out[key] = tensor.to(device=dev, dtype=cast if cast is not None and tensor.is_floating_point() else tensor.dtype)

@@ -12,19 +12,20 @@ import itertools
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from . import adapters, deltas, deltasvd, ranking
-from .bases import EMA_PREFIX, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
+from . import adapters, deltas, deltasvd, families, ranking
+from .bases import EMA_PREFIX, base_model_layout, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
 from .checkpoint import Checkpoint, TensorSpec
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import BUDGET_ENCODING, DEFAULT_ENCODING, resolve_device
 from .encodings import ENCODINGS
+from .families import ModelLayout
 from .errors import AmbiguousBase, BaseMismatch, UsageError, check_choice
 from .layers import key_layout
 from .names import validate_name
@@ -98,32 +99,38 @@ def push(
     rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
     chosen = any(v is not None for v in (energy, max_error, budget)) or exact
     progress = progress or quiet
-    with adapters.open_input(reg, path, base) as whole, Scan(ckpt := whole if ema else whole.without(EMA_PREFIX), progress) as scan:
-        if whole.merged_onto and not chosen:
-            rule = RankRule("energy", ADAPTER_ENERGY)
-        opts = PushOptions(rule, encoding, method, resolve_device(device))
-        base_name = whole.merged_onto or base or detect_base(reg, ckpt, scan)
-        base_tensors, component = fitting_base(reg.catalog, base_name, scan)
-        layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
-        if component is not None:
-            layout["base_component"] = component
-        if whole.merged_onto:
-            layout["adapter"] = whole.describe()
-        with writer_lease(reg, f"push {subject or 'new subject'}") as lease:
-            # What the push reads is claimed like what it writes: gc keeps it, and `base rm` waits.
-            lease.claim(sorted({t.blob for t in base_tensors.values()}))
-            entries = _compress(reg, ckpt, scan, base_tensors, lease, opts, progress)
-            for derived, data in whole.derived_new:  # base SVDs an SVDiff push computed
-                lease.claim([derived.blob.digest])
-                reg.store.put(data, derived.blob.digest)
-            scanned = scan.result()
-            new = NewRevision(
-                subject=subject, base_id=reg.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
-                rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
-                source_format=ckpt.layout.format, layout=layout,
-                entries=tuple(entries), derived=tuple(d for d, _ in whole.derived_new),
-            )
-            return reg.catalog.commit_revision(new, lease.id)
+    with adapters.open_input(reg, path, base) as whole:
+        own = whole if ema else whole.without(EMA_PREFIX)
+        ckpt, pushed_model, stored_model = to_base_layout(reg.catalog, own, base)
+        with Scan(ckpt, progress) as scan:
+            if whole.merged_onto and not chosen:
+                rule = RankRule("energy", ADAPTER_ENERGY)
+            opts = PushOptions(rule, encoding, method, resolve_device(device))
+            base_name = whole.merged_onto or base or detect_base(reg, ckpt, scan)
+            base_tensors, component = fitting_base(reg.catalog, base_name, scan)
+            layout = {**ckpt.layout.to_json(), "source_name": Path(path).name}
+            if component is not None:
+                layout["base_component"] = component
+            if whole.merged_onto:
+                layout["adapter"] = whole.describe()
+            if pushed_model is not None:
+                layout["model"] = pushed_model.to_json()
+                layout["stored_model"] = stored_model.to_json()
+            with writer_lease(reg, f"push {subject or 'new subject'}") as lease:
+                # What the push reads is claimed like what it writes: gc keeps it, and `base rm` waits.
+                lease.claim(sorted({t.blob for t in base_tensors.values()}))
+                entries = _compress(reg, ckpt, scan, base_tensors, lease, opts, progress)
+                for derived, data in whole.derived_new:  # base SVDs an SVDiff push computed
+                    lease.claim([derived.blob.digest])
+                    reg.store.put(data, derived.blob.digest)
+                scanned = scan.result()
+                new = NewRevision(
+                    subject=subject, base_id=reg.catalog.base_id(base_name), energy=rule.value if rule.mode == "energy" else None,
+                    rank_rule=str(rule), encoding=encoding, original_bytes=scanned.nbytes, source_digest=scanned.source_digest,
+                    source_format=ckpt.layout.format, layout=layout,
+                    entries=tuple(entries), derived=tuple(d for d, _ in whole.derived_new),
+                )
+                return reg.catalog.commit_revision(new, lease.id)
 
 
 def sweep(
@@ -143,7 +150,8 @@ def sweep(
     check_choice("method", method, deltasvd.METHODS)
     progress = progress or quiet
     return_large_frees()
-    with adapters.open_input(reg, path, base) as ckpt:
+    with adapters.open_input(reg, path, base) as whole:
+        ckpt, _, _ = to_base_layout(reg.catalog, whole, base)
         scanned = scan_all(ckpt, progress)
         base_tensors, _ = fitting_base(reg.catalog, ckpt.merged_onto or base or detect_base(reg, ckpt, scanned), scanned)
         changed = _changed(scanned, base_tensors)
@@ -165,6 +173,28 @@ def sweep(
             params, nbytes, error, worst = estimate(layers, fixed, rule, encoding)
             rows.append(SweepRow(str(rule), encoding, params, nbytes, scanned.nbytes, error, worst))
     return rows
+
+
+def to_base_layout(catalog: Catalog, ckpt: Checkpoint, base: str | None) -> tuple[Checkpoint, ModelLayout | None, ModelLayout | None]:
+    """(the checkpoint as the base stores its family's tensors, the layout it came in, the layout
+    it is stored in). A model of a known family whose base (``base``, or else the registered bases
+    of its family) is in the other layout is read through the conversion, so that the delta is
+    taken tensor by tensor against the base's own; its revision records both layouts, and checkout
+    gives it back in the layout it came in."""
+    own = families.detect(s.key for s in ckpt.specs)
+    if own is None or ckpt.merged_onto:
+        return ckpt, own, own
+    names = [base] if base is not None else [b.name for b in catalog.bases()]
+    theirs = [m for m in (base_model_layout(catalog, n) for n in names) if m is not None and m.family == own.family]
+    if not theirs or any(m.layout == own.layout and m.prefix == own.prefix for m in theirs):
+        return ckpt, own, own
+    # A model pushed against a pipeline base fits one of its components, by keys without the
+    # component's folder (see _fit).
+    target = theirs[0] if not theirs[0].prefix.endswith("/") else replace(theirs[0], prefix="")
+    if target == own:
+        return ckpt, own, own
+    log.info("reading %s as %s, the layout of its base", own, target)
+    return families.convert_checkpoint(ckpt, own, target), own, target
 
 
 def fitting_base(catalog: Catalog, name: str, scanned: Scanned | Scan) -> tuple[dict[str, BaseTensor], str | None]:

@@ -168,6 +168,7 @@ class Registry:
         output: str | os.PathLike | None = None,
         *,
         format: str | None = None,
+        layout: str | None = None,
         device: str = "auto",
         verify: bool = False,
         overwrite: bool = True,
@@ -175,26 +176,33 @@ class Registry:
     ) -> CheckoutResult:
         """Rebuild a revision's full checkpoint at ``output`` (written whole, or not at all).
 
+        ``layout`` (``original`` or ``diffusers``) names and cuts a Flux, SD3 or SD UNet model's
+        tensors as that layout does, whichever it was pushed in (default: as pushed); the
+        conversion only moves rows, so an exact revision comes back bit for bit in either.
+
         With ``verify``, every tensor stored losslessly is hashed and compared with the digest its
         push recorded; a mismatch raises IntegrityError and writes nothing. Without ``overwrite``, an
         existing file at ``output`` is a Conflict.
         """
         from . import checkout
 
-        return checkout.checkout(self, ref, output, format=format, device=device, verify=verify, overwrite=overwrite, progress=progress)
+        return checkout.checkout(self, ref, output, format=format, layout=layout, device=device, verify=verify, overwrite=overwrite, progress=progress)
 
     # ------------------------------------------------------------ in memory
 
-    def load(self, ref: str | Ref, *, device: str = "auto", dtype=None, progress: Progress | None = None) -> dict[str, "torch.Tensor"]:
+    def load(
+        self, ref: str | Ref, *, device: str = "auto", dtype=None, layout: str | None = None, progress: Progress | None = None
+    ) -> dict[str, "torch.Tensor"]:
         """A revision's full state dict in memory, keys as pushed (``component/key`` for a pipeline;
-        a folder's config and text files are left out), on ``device`` and cast to ``dtype`` if given.
+        a folder's config and text files are left out), on ``device`` and cast to ``dtype`` if given;
+        with ``layout``, in that layout of its family as :meth:`checkout` gives it.
 
         The values are those ``checkout`` writes, bit for bit on the same device and dtype; the
         tensors are formed a few at a time, so memory peaks at the result and a small working set.
         """
         from . import live
 
-        return live.load(self, ref, device=device, dtype=dtype, progress=progress)
+        return live.load(self, ref, device=device, dtype=dtype, layout=layout, progress=progress)
 
     def apply(self, target, ref: str | Ref, *, keep: str = "device", check: str = "fingerprint") -> "Applied":
         """Write a subject's weights into a live ``torch.nn.Module`` or diffusers pipeline, in place.

@@ -65,3 +65,42 @@ def _resnet(rest: str) -> str:
         if rest == old or rest.startswith(old + "."):
             return new + rest[len(old):]
     return rest
+
+
+_DIFFUSERS = re.compile(
+    r"^(?P<blocks>down_blocks|up_blocks)\.(?P<b>\d+)\.(?P<what>resnets|attentions|downsamplers|upsamplers)\.(?P<n>\d+)(?:\.(?P<rest>.+))?$"
+)
+_UNFIXED = {v: k for k, v in _FIXED.items()}
+_UNRESNET = {v: k for k, v in _RESNET.items()}
+
+
+def ldm_module(module: str, layers: int, up_attentions: set[int]) -> str | None:
+    """Inverse of :func:`diffusers_module`: ``module`` (a diffusers UNet module path) as the LDM
+    code names it; ``up_attentions``, the up blocks that have attentions (their upsampler comes
+    after the attention). None for a name outside the block layout."""
+    if module in _UNFIXED:
+        return _UNFIXED[module]
+    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", module)
+    if m:
+        index = 2 * int(m[2]) + (m[1] == "attentions")
+        return f"middle_block.{index}.{_unresnet(m[3]) if m[1] == 'resnets' else m[3]}"
+    m = _DIFFUSERS.match(module)
+    if m is None or m["rest"] is None:
+        return None
+    b, n, what, rest = int(m["b"]), int(m["n"]), m["what"], m["rest"]
+    if what == "downsamplers":
+        return f"input_blocks.{(b + 1) * (layers + 1)}.0.op" if rest == "conv" else None
+    if what == "upsamplers":
+        return f"output_blocks.{b * (layers + 1) + layers}.{2 if b in up_attentions else 1}.conv" if rest == "conv" else None
+    part = 0 if what == "resnets" else 1
+    rest = _unresnet(rest) if what == "resnets" else rest
+    if m["blocks"] == "down_blocks":
+        return f"input_blocks.{b * (layers + 1) + n + 1}.{part}.{rest}"
+    return f"output_blocks.{b * (layers + 1) + n}.{part}.{rest}"
+
+
+def _unresnet(rest: str) -> str:
+    for new, old in _UNRESNET.items():
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
