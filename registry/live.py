@@ -24,16 +24,17 @@ from __future__ import annotations
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from . import codec, deltas, encodings
+from . import codec, deltas, encodings, families
 from .bases import base_map, base_tensor, can_grow, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkout import CHECKOUT_LANES, Cut, _rebuild_into, converted, entry_blob, model_layouts
 from .checkpoint import TensorSpec
+from .families import Rule
 from .concurrency import Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import resolve_device
 from .errors import BaseMismatch, IntegrityError, UsageError, check_choice
@@ -336,23 +337,25 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
     if isinstance(target, torch.nn.Module):
         target = _unwrapped(target)
         component, entries = _component_for(target, rev)
-        return {component: (target, entries)}
+        return {component: (target, _in_layout_of(target, rev, entries))}
     modules = getattr(target, "components", None)
     if not isinstance(modules, dict):
         raise UsageError(f"cannot apply a subject to a {type(target).__name__}: give a torch.nn.Module or a diffusers pipeline")
     modules = {c: _unwrapped(m) if isinstance(m, torch.nn.Module) else m for c, m in modules.items()}
     if not rev.pipeline:
         component = rev.component
-        if component is None:  # a single model: the pipeline's module whose keys it has
-            wanted = {e.key for e in rev.entries}
-            fits = [c for c, m in modules.items() if isinstance(m, torch.nn.Module) and wanted <= m.state_dict().keys()]
+        if component is None:  # a single model: the pipeline's module whose keys it has, in its layout
+            fits = [
+                c for c, m in modules.items()
+                if isinstance(m, torch.nn.Module) and _in_layout_of(m, rev, _by_component(rev, None)).keys() <= m.state_dict().keys()
+            ]
             if not fits:
                 raise BaseMismatch(f"no module of the pipeline has the keys of {rev.ref}; apply it to the module it was trained from")
             component = fits[0]
         module = modules.get(component)
         if not isinstance(module, torch.nn.Module):
             raise BaseMismatch(f"the pipeline has no module {component!r}, which {rev.ref} changes")
-        return {component: (module, _by_component(rev, None))}
+        return {component: (module, _in_layout_of(module, rev, _by_component(rev, None)))}
     parts = {}
     for component in sorted({e.key.split("/", 1)[0] for e in rev.entries if "/" in e.key}):
         entries = _by_component(rev, component)
@@ -364,6 +367,68 @@ def _targets(target: Any, rev: _Revision) -> dict[str, tuple[torch.nn.Module, di
             raise BaseMismatch(f"the pipeline has no module {component!r}, which {rev.ref} changes")
         parts[component] = (module, entries)
     return parts
+
+
+@dataclass(frozen=True)
+class _CutEntry:
+    """A module tensor that the subject's stored tensors make in another layout (a diffusers
+    ``to_q`` cut from a stored fused ``qkv``): its rule, and the stored entries it is cut from.
+    ``lowrank``: the rows of one low-rank delta (A's rows, all of B); ``full``: the rebuilt value."""
+
+    key: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    rule: Rule
+    sources: tuple[StoredEntry, ...]
+
+
+def _in_layout_of(module: torch.nn.Module, rev: _Revision, entries: dict[str, StoredEntry]) -> dict:
+    """``entries`` by the module's own keys: as they are, or, for a module of the subject's family
+    in the other layout, through the family's conversion (renamed tensors keep their entry; cut or
+    joined ones become :class:`_CutEntry`)."""
+    keys = module.state_dict().keys()
+    if entries.keys() <= keys:
+        return entries
+    stored, _ = model_layouts(rev.ref, rev.recorded, [e.key for e in rev.entries], None)
+    theirs = families.detect(keys)
+    if stored is None or theirs is None or theirs.family != stored.family:
+        return entries
+    if stored.prefix.endswith("/"):  # a pipeline's component, keyed inside it
+        stored = replace(stored, prefix="")
+    steps = converted([TensorSpec(k, e.dtype, e.shape) for k, e in entries.items()], stored, theirs)
+    out: dict = {}
+    for spec, rule in steps:
+        if rule.renamed is not None:
+            out[spec.key] = entries[rule.renamed]
+            continue
+        sources = tuple(entries[p.key] for p in rule.pieces)
+        if all(e.kind in _UNCHANGED for e in sources):
+            kind = "base"
+        elif len(sources) == 1 and sources[0].kind == "lowrank":
+            kind = "lowrank"
+        else:
+            kind = "full"
+        out[spec.key] = _CutEntry(spec.key, kind, spec.dtype, spec.shape, rule, sources)
+    return out
+
+
+def _cut_base(reg, rev: _Revision, entry: _CutEntry) -> torch.Tensor:
+    base = {e.key: base_tensor(reg, rev.base_tensors[e.key], shape=e.shape) for e in entry.sources}
+    return families.assemble(entry.rule, base.__getitem__)
+
+
+def _cut_change(reg, rev: _Revision, entry: _CutEntry, device: torch.device) -> dict[str, torch.Tensor]:
+    if entry.kind == "lowrank":  # rows of A·B are A's rows times B: the slice stays low-rank
+        piece = entry.rule.pieces[0]
+        a, b = encodings.decode_factors(cached_blob(reg, entry.sources[0], device))
+        return {"a": a[piece.start:piece.stop].contiguous(), "b": b}
+    values = {}
+    for source in entry.sources:
+        if source.key not in values:
+            bt = base_tensor(reg, rev.base_tensors[source.key], shape=source.shape) if source.kind != "full" else None
+            values[source.key] = deltas.rebuild(source.kind, codec.dtype_of(source.dtype), bt, cached_blob(reg, source), device)
+    return {"tensor": families.assemble(entry.rule, values.__getitem__)}
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
@@ -427,18 +492,21 @@ def _check_values(reg, rev: _Revision, where: str, state: dict, slot: _Slot, tou
     """The tensors the module would give up as its base hold the base's values: every one of the
     keys another subject does not hold now (for those, the slot keeps the base values it saved).
     A tensor dsreg saw holding the base, unchanged since (its version counter), is not read again."""
-    keys = [k for k in touched if k not in slot.saved and touched[k].key in rev.base_tensors]
+    keys = [k for k in touched if k not in slot.saved and (touched[k].key in rev.base_tensors or isinstance(touched[k], _CutEntry))]
     if check != "all":
         keys = [k for k in keys if _stamp(state[k]) is None or slot.known_base.get(k) != _stamp(state[k])]
     for key in keys:
-        t = rev.base_tensors[touched[key].key]
         value = state[key]
-        if check == "all":
+        if isinstance(touched[key], _CutEntry):
+            same = deltas.same_bits(_cut_base(reg, rev, touched[key]).to(value.dtype), value.detach().cpu())
+        elif check == "all":
+            t = rev.base_tensors[touched[key].key]
             if codec.dtype_name(value.dtype) == t.dtype:
                 same = codec.tensor_digest(value.detach().cpu()) == t.tensor_digest
             else:  # a module cast to another dtype: compare with the base cast the same way
                 same = deltas.same_bits(base_tensor(reg, t).to(value.dtype), value.detach().cpu())
         else:
+            t = rev.base_tensors[touched[key].key]
             same = torch.equal(fingerprint(value), _base_fingerprint(reg, t, value.dtype).to(value.device))
         if same:
             slot.known_base[key] = _stamp(value)
@@ -503,6 +571,8 @@ def _base_fingerprint(reg, t: BaseTensor, dtype: torch.dtype) -> torch.Tensor:
 def _fetch(reg, rev: _Revision, state: dict, touched: dict[str, StoredEntry]) -> dict[str, _Change]:
     def fetch(key: str) -> _Change:
         entry = touched[key]
+        if isinstance(entry, _CutEntry):
+            return _Change(entry, _cut_change(reg, rev, entry, state[key].device))
         base = None
         if entry.kind == "exact" and codec.dtype_name(state[key].dtype) != entry.dtype:
             # Bit-level deltas need the base's own bits, which a module of another dtype lacks.
