@@ -16,7 +16,7 @@ import torch
 
 from . import codec, families
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, refuse_scaled_fp8
 from .concurrency import Background, Scratch
 from .config import BASE_ZSTD_LEVEL
 from .errors import Conflict, IntegrityError
@@ -44,6 +44,7 @@ def add_base(reg, path: str | os.PathLike, name: str, progress: Progress | None 
     validate_name(name, "base")
     progress = progress or quiet
     with open_checkpoint(path) as ckpt:
+        refuse_scaled_fp8(ckpt)
         scanned = scan_all(ckpt, progress)
         digest = manifest_digest(scanned)
         existing = reg.catalog.base_by_digest(digest)

@@ -145,6 +145,17 @@ class Checkpoint:
         return digest or source_digest(self.path)
 
 
+def refuse_scaled_fp8(ckpt: Checkpoint) -> None:
+    """ComfyUI's "scaled fp8" stores each weight as fp8 times a ``.scale_weight`` beside it: its
+    tensors are not the model's weights, and a delta of them against a base means nothing."""
+    scaled = [s.key for s in ckpt.specs if s.key == "scaled_fp8" or s.key.endswith((".scale_weight", ".scale_input"))]
+    if scaled:
+        raise CheckpointError(
+            f"{ckpt.path}: a scaled fp8 checkpoint ({len(scaled)} scale tensors such as {scaled[-1]!r}); "
+            "dsreg stores weights as they are: save it as plain fp8 (float8_e4m3fn) or bf16 and push that"
+        )
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.exists():

@@ -124,7 +124,10 @@ def compress(
     if update is not None:
         delta = None if update.factored else update.delta(tuple(ft.shape)).to(device)
     else:
-        ft32, base32 = ft.to(device=device, dtype=torch.float32), bt.to(device=device, dtype=torch.float32)
+        # Checkout adds the delta to the base cast to the fine-tune's dtype: take it against that
+        # cast too. Against the base's own bits, an fp8 fine-tune of a bf16 base would be mostly
+        # the cast's rounding, full rank and large.
+        ft32, base32 = ft.to(device=device, dtype=torch.float32), (bt if bt.dtype == ft.dtype else bt_same).to(device=device, dtype=torch.float32)
         if base32 is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
             delta = torch.sub(ft32, bt, out=bt)
         else:
@@ -155,7 +158,14 @@ def compress(
         chosen = sparse
     if bound is not None and chosen.rel_error > bound:
         chosen = _xor(ft, bt_same)  # a bound below what float storage can meet: lossless meets any bound
-    return _stored(chosen, full_rank)
+    stored = _stored(chosen, full_rank)
+    if ft.element_size() == 1 and chosen.kind != "exact":
+        # An fp8 tensor moves by whole rounding steps, mostly not at all: its exact change, zero
+        # bits but where an element crossed a step, often compresses below the factors.
+        exact = _stored(_xor(ft, bt_same))
+        if len(exact.data) <= len(stored.data or b""):
+            return exact
+    return stored
 
 
 def _compress_grown(ft: torch.Tensor, bt: torch.Tensor, rule: RankRule, encoding: str, **options) -> Stored:

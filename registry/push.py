@@ -21,7 +21,7 @@ import torch
 from . import adapters, deltas, deltasvd, families, ranking
 from .bases import EMA_PREFIX, base_model_layout, base_tensor, can_grow, component_tensors, is_file_key, scan_all, with_ema_mirrors, writer_lease
 from .catalog import BaseTensor, BlobRecord, Catalog, Lease, NewEntry, NewRevision
-from .checkpoint import Checkpoint, TensorSpec
+from .checkpoint import Checkpoint, TensorSpec, refuse_scaled_fp8
 from .concurrency import Background, MemoryGate, Scratch, prefetch, return_large_frees, threads_per_lane
 from .config import BUDGET_ENCODING, DEFAULT_ENCODING, resolve_device
 from .encodings import ENCODINGS
@@ -181,6 +181,7 @@ def to_base_layout(catalog: Catalog, ckpt: Checkpoint, base: str | None) -> tupl
     of its family) is in the other layout is read through the conversion, so that the delta is
     taken tensor by tensor against the base's own; its revision records both layouts, and checkout
     gives it back in the layout it came in."""
+    refuse_scaled_fp8(ckpt)
     own = families.detect(s.key for s in ckpt.specs)
     if own is None or ckpt.merged_onto:
         return ckpt, own, own
