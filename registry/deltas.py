@@ -249,11 +249,13 @@ def survey(
             s = deltasvd.singular_values(deltasvd.as_matrix(update.delta(tuple(ft.shape))), method).double()
     elif bt is None or not ft.is_floating_point() or ft.dim() < 2 or bt.shape != ft.shape or same_bits(bt.to(ft.dtype), ft):
         return None  # a tensor that gained rows is stored at a fixed cost (see _compress_grown)
-    elif keep and method == "gram" and ft.device.type == "cpu":
-        spectrum = deltasvd.Spectrum(ft.float() - bt.float(), method)
-        s, reduction = spectrum.s, spectrum.reduction()
     else:
-        s = deltasvd.singular_values(deltasvd.as_matrix(ft.float() - bt.float()), method).double()
+        delta = ft.float() - bt.to(ft.dtype).float()  # against the base as checkout casts it (see compress)
+        if keep and method == "gram" and ft.device.type == "cpu":
+            spectrum = deltasvd.Spectrum(delta, method)
+            s, reduction = spectrum.s, spectrum.reduction()
+        else:
+            s = deltasvd.singular_values(deltasvd.as_matrix(delta), method).double()
     return (s, reduction) if keep else s
 
 
