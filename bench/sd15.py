@@ -159,9 +159,10 @@ def drop_caches() -> bool:
         return False
 
 
-def run_step(**kw) -> dict:
+def run_step(module: str = "bench.sd15", **kw) -> dict:
+    """``python -m module --step ...`` in a fresh process, after dropping the page cache: its JSON result."""
     drop_caches()
-    cmd = [sys.executable, "-m", "bench.sd15", "--step", kw.pop("step")]
+    cmd = [sys.executable, "-m", module, "--step", kw.pop("step")]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

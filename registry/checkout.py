@@ -16,7 +16,7 @@ from . import codec, deltas, families, spectral
 from .bases import base_map, base_tensor, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Layout, TensorSpec, fill_safetensors, write_atomically, write_checkpoint
-from .concurrency import Scratch, ahead, prefetch, threads_per_lane
+from .concurrency import Scratch, ahead, prefetch, return_large_frees, threads_per_lane
 from .config import resolve_device
 from .errors import IntegrityError, UsageError
 from .families import ModelLayout, Piece, Rule
@@ -28,6 +28,16 @@ from .records import CheckoutResult, Progress, quiet
 # cores busy while one waits for the disk, at the cost of a reusable buffer for the largest blob
 # and tensor per lane (docs/performance.md).
 CHECKOUT_LANES = 3
+# ... as many as fit here, each lane taken to hold LANE_COPIES times the largest tensor (its
+# output buffer, the base blob, the factors and a block of fp32 rows): a Flux layer of 21504 x 3072
+# leaves room for two lanes, an SD1.5 UNet's largest for all three.
+CHECKOUT_MEMORY = 1100 << 20
+LANE_COPIES = 4
+
+
+def lanes_for(specs) -> int:
+    largest = max((s.nbytes for s in specs), default=0)
+    return max(1, min(CHECKOUT_LANES, CHECKOUT_MEMORY // max(1, LANE_COPIES * largest)))
 
 _FORMAT_ALIASES = {"safetensors": "safetensors", "ckpt": "pickle", "pickle": "pickle", "pt": "pickle", "diffusers": "diffusers"}
 
@@ -48,6 +58,7 @@ def checkout(
     ref = as_ref(ref)
     dev = resolve_device(device)
     progress = progress or quiet
+    return_large_frees()
     info = reg.catalog.revision(ref)
     recorded = reg.catalog.revision_layout(Ref(info.subject, info.number))
     pushed = Layout.from_json(recorded)
@@ -64,7 +75,7 @@ def checkout(
     by_key = {e.key: e for e in entries}
     checked = DigestCheck(info.ref, entries) if verify else None
     if out_layout.format == "safetensors":
-        lanes = CHECKOUT_LANES
+        lanes = lanes_for(specs)
         with Scratch() as blobs, threads_per_lane(lanes):
             def direct(key: str, out: torch.Tensor) -> None:
                 _rebuild_into(reg, by_key[key], base, out, dev, blobs)

@@ -30,6 +30,9 @@ import torch
 from . import codec, deltasvd, encodings, spectral
 from .ranking import Allocation, RankRule, blob_bound_of, dense_bound
 
+# Elements of fp32 that deltas are added in at a time where a tensor is not fp32 (see apply).
+APPLY_BLOCK = 8 << 20
+
 LOSSLESS_KINDS = frozenset({"base", "full", "sparse", "exact"})
 KINDS = LOSSLESS_KINDS | {"lowrank", "dense", "dropped", "spectral"}
 # Columns of each row compared first when looking for a sparse-row delta.
@@ -127,11 +130,14 @@ def compress(
         # Checkout adds the delta to the base cast to the fine-tune's dtype: take it against that
         # cast too. Against the base's own bits, an fp8 fine-tune of a bf16 base would be mostly
         # the cast's rounding, full rank and large.
-        ft32, base32 = ft.to(device=device, dtype=torch.float32), (bt if bt.dtype == ft.dtype else bt_same).to(device=device, dtype=torch.float32)
-        if base32 is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
+        base = (bt if bt.dtype == ft.dtype else bt_same).to(device=device)
+        ft32 = ft.to(device=device, dtype=torch.float32)
+        if ft32 is not ft:  # a copy of the fine-tune's: the delta is formed in it, the base read as it is
+            delta = ft32.sub_(base)
+        elif base.dtype == torch.float32 and base is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
             delta = torch.sub(ft32, bt, out=bt)
         else:
-            delta = ft32 - base32
+            delta = ft32 - base.float()
     full_rank = None
     if ft.dim() < 2:
         chosen = _dense(delta, encoding)
@@ -219,14 +225,24 @@ def apply(kind: str, out: torch.Tensor, stored: dict | None, device) -> None:
     elif kind in ("dense", "lowrank"):
         # fp32 on the device: fp16 accumulation of W + A·B would lose most of a small delta.
         in_place = out.dtype == torch.float32 and torch.device(device).type == "cpu"
-        w = out if in_place else out.to(device=device, dtype=torch.float32)
+        rows = out.view(out.shape[0], -1) if out.dim() else out.view(1, 1)
         if kind == "dense":
-            w += stored["delta"].to(device=device, dtype=torch.float32).reshape(w.shape)
+            delta = stored["delta"].reshape(rows.shape)
         else:
             a, b = encodings.decode_factors(stored)
-            w.view(w.shape[0], -1).addmm_(a.to(device), b.to(device))
-        if not in_place:
-            out.copy_(w)
+            a, b = a.to(device), b.to(device)
+        # A bf16 or fp8 tensor is formed in fp32 a block of rows at a time: one fp32 copy of a
+        # 21504 x 3072 Flux layer per checkout lane would cost more memory than the layer itself.
+        step = rows.shape[0] if in_place else max(1, APPLY_BLOCK // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step]
+            w = part if in_place else part.to(device=device, dtype=torch.float32)
+            if kind == "dense":
+                w += delta[start:start + step].to(device=device, dtype=torch.float32)
+            else:
+                w.addmm_(a[start:start + step], b)
+            if not in_place:
+                part.copy_(w)
     else:
         raise ValueError(f"unknown entry kind {kind!r}")
 

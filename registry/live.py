@@ -32,7 +32,7 @@ import torch
 from . import codec, deltas, encodings, families
 from .bases import base_map, base_tensor, can_grow, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
-from .checkout import CHECKOUT_LANES, Cut, _rebuild_into, converted, entry_blob, model_layouts
+from .checkout import Cut, lanes_for, _rebuild_into, converted, entry_blob, model_layouts
 from .checkpoint import TensorSpec
 from .families import Rule
 from .concurrency import Scratch, prefetch, return_large_frees, threads_per_lane
@@ -117,7 +117,8 @@ def load(reg, ref: str | Ref, *, device: str = "auto", dtype=None, layout: str |
     # As checkout forms a safetensors file, in lanes, largest first: each base blob is inflated
     # straight into its result tensor and the delta added there.
     order = sorted(range(len(entries)), key=lambda i: -out[entries[i].key].nbytes)
-    with Scratch() as blobs, threads_per_lane(CHECKOUT_LANES), ThreadPoolExecutor(CHECKOUT_LANES) as pool:
+    lanes = lanes_for(TensorSpec(e.key, e.dtype, e.shape) for e in entries)
+    with Scratch() as blobs, threads_per_lane(lanes), ThreadPoolExecutor(lanes) as pool:
         fill = lambda i: _rebuild_into(reg, entries[i], rev.base_tensors, out[entries[i].key], dev, blobs)  # noqa: E731
         for count, _ in enumerate(pool.map(fill, order), 1):
             progress("load", count, len(entries))
