@@ -28,11 +28,11 @@ from .records import CheckoutResult, Progress, quiet
 # cores busy while one waits for the disk, at the cost of a reusable buffer for the largest blob
 # and tensor per lane (docs/performance.md).
 CHECKOUT_LANES = 3
-# ... as many as fit here, each lane taken to hold LANE_COPIES times the largest tensor (its
-# output buffer, the base blob, the factors and a block of fp32 rows): a Flux layer of 21504 x 3072
-# leaves room for two lanes, an SD1.5 UNet's largest for all three.
+# ... as many as fit in CHECKOUT_MEMORY, a lane taken to hold LANE_COPIES times the largest
+# tensor (its output buffer, the base blob, the factors, a block of fp32 rows): two lanes for a
+# Flux layer of 21504 x 3072 in bf16, three for an SD1.5 UNet's largest in fp32.
 CHECKOUT_MEMORY = 1100 << 20
-LANE_COPIES = 4
+LANE_COPIES = 3
 
 
 def lanes_for(specs) -> int:

@@ -133,7 +133,7 @@ def compress(
         base = (bt if bt.dtype == ft.dtype else bt_same).to(device=device)
         ft32 = ft.to(device=device, dtype=torch.float32)
         if ft32 is not ft:  # a copy of the fine-tune's: the delta is formed in it, the base read as it is
-            delta = ft32.sub_(base)
+            delta = ft32.sub_(base if base.element_size() > 1 else base.float())  # torch promotes no fp8
         elif base.dtype == torch.float32 and base is bt and base_is_scratch and bound is None:  # max-error mode may still need the base bits
             delta = torch.sub(ft32, bt, out=bt)
         else:

@@ -18,7 +18,7 @@ from .bases import base_tensor, rewrite_base_blob, scan_all, writer_lease
 from .catalog import BlobUser
 from .checkpoint import open_checkpoint
 from .errors import DsregError, IntegrityError
-from .push import fitting_base
+from .push import fitting_base, to_base_layout
 from .ranking import RankRule
 from .records import Progress, RepairReport, quiet
 
@@ -43,6 +43,10 @@ def repair(reg, paths: list[str | os.PathLike], progress: Progress | None = None
                 scanned = scan_all(ckpt, progress)
                 todo = {d: u for d, u in users.items() if d not in fixed}
                 _bases(reg, lease, ckpt, scanned, todo, fixed, why_not)
+                # A file of another layout than its base's was stored through the conversion.
+                stored, _, _ = to_base_layout(reg.catalog, ckpt, None)
+                if stored is not ckpt:
+                    ckpt, scanned = stored, scan_all(stored, progress)
                 _revisions(reg, ckpt, scanned, {d: u for d, u in todo.items() if d not in fixed}, fixed, why_not)
     lost = tuple(
         (d, f"{why_not.get(d, 'no given file holds what it was made of')}; breaks {gc.breaks(users[d])}") for d in sorted(bad) if d not in fixed

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from dsreg import Registry
 from dsreg.cli.main import cli
 from dsreg.errors import CheckpointError, UsageError
+from dsreg.names import Ref
 
 from .conftest import snapshot
 from .family_models import FamilyFiles, build, in_layout, save
@@ -158,3 +159,15 @@ def test_cli_checkout_layout(family_files, tmp_path, engine):
     run("push", files.ft_diffusers, "--subject", "folder", "--exact")
     refused = CliRunner().invoke(cli, ["--home", str(home), *engine.cli_args(), "checkout", "folder", "-o", str(tmp_path / "o"), "--layout", "original"])
     assert refused.exit_code != 0 and "single file" in refused.output
+
+
+def test_repair_rewrites_a_converted_revisions_blob_from_the_pushed_file(reg: Registry, family_files, tmp_path):
+    files = family_files["sd3"]
+    reg.add_base(files.base_original, "base")
+    reg.push(files.ft_diffusers, "s", exact=True)
+    blob = next(e.blob for e in reg.catalog.entries(Ref("s", 1)) if e.blob)
+    reg.store.delete(blob)
+    assert reg.verify().missing
+    report = reg.repair([files.ft_diffusers])
+    assert not report.lost and report.fixed
+    assert _same_bits(_weights(reg.checkout("s", tmp_path / "d").path), files.ft_sd)
