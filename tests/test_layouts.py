@@ -171,3 +171,47 @@ def test_repair_rewrites_a_converted_revisions_blob_from_the_pushed_file(reg: Re
     report = reg.repair([files.ft_diffusers])
     assert not report.lost and report.fixed
     assert _same_bits(_weights(reg.checkout("s", tmp_path / "d").path), files.ft_sd)
+
+
+def _sdxl_pipeline(unet, workdir):
+    """A real StableDiffusionXLPipeline around the tiny SDXL UNet: both text encoders, a VAE."""
+    import json
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(3)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "photo</w>": 4, "of</w>": 5, "sks</w>": 6, "dog</w>": 7}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.json").write_text(json.dumps(vocab))
+    (workdir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(workdir / "vocab.json"), str(workdir / "merges.txt"), model_max_length=8)
+    config = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(),
+    )
+
+
+def test_apply_into_an_sdxl_pipeline_across_layouts(reg: Registry, family_files, tmp_path):
+    """A UNet subject stored against an LDM-layout base goes into a live SDXL pipeline's UNet;
+    both text encoders and the VAE are left as they were."""
+    files = family_files["unet"]
+    reg.add_base(files.base_original, "sdxl")
+    reg.push(files.ft_original, "s", energy=0.5)
+    expected = reg.load("s", layout="diffusers")
+    unet = build("unet")
+    unet.load_state_dict(files.base_sd)
+    pipe = _sdxl_pipeline(unet, tmp_path / "tok")
+    others = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("text_encoder", "text_encoder_2", "vae")}
+    with reg.apply(pipe, "s"):
+        assert _same_bits(dict(pipe.unet.state_dict()), expected)
+        for name, before in others.items():
+            assert _same_bits(dict(getattr(pipe, name).state_dict()), before), name
+        latents = pipe("a photo of sks dog", num_inference_steps=1, height=16, width=16, output_type="latent").images
+        assert torch.isfinite(latents).all()
+    assert _same_bits(dict(pipe.unet.state_dict()), files.base_sd)
