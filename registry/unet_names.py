@@ -60,8 +60,8 @@ def diffusers_module(module: str, layers: int) -> str | None:
     return f"{blocks}.{block}.attentions.{layer}.{rest}"
 
 
-def _resnet(rest: str) -> str:
-    for old, new in _RESNET.items():
+def _resnet(rest: str, names: dict[str, str] = _RESNET) -> str:
+    for old, new in names.items():
         if rest == old or rest.startswith(old + "."):
             return new + rest[len(old):]
     return rest
@@ -100,7 +100,4 @@ def ldm_module(module: str, layers: int, up_attentions: set[int]) -> str | None:
 
 
 def _unresnet(rest: str) -> str:
-    for new, old in _UNRESNET.items():
-        if rest == new or rest.startswith(new + "."):
-            return old + rest[len(new):]
-    return rest
+    return _resnet(rest, _UNRESNET)
