@@ -32,12 +32,11 @@ MODULE = "bench.flux"
 
 def flux_specs(double: int, single: int):
     """The diffusers-layout specs of a Flux.1-dev transformer with this many blocks, in bf16."""
-    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
     from dsreg.checkpoint import TensorSpec
 
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = FluxTransformer2DModel(num_layers=double, num_single_layers=single, guidance_embeds=True)
     return [TensorSpec(k, "bfloat16", tuple(v.shape)) for k, v in model.state_dict().items()]
 
