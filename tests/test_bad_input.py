@@ -43,8 +43,9 @@ def _open(home):
     return Registry.open(catalog=home[3], store=home[5], home=home[1])
 
 
-def _fails(home, *args, code=None, match=None):
-    before = _state(home)
+def _fails(home, *args, code=None, match=None, state=True):
+    """The command fails in one line with ``code``, and (``state``) leaves the registry as it was."""
+    before = _state(home) if state else None
     result = CliRunner().invoke(cli, [*home, "-q", *map(str, args)])
     assert result.exit_code != 0, result.output
     if code is not None:
@@ -54,7 +55,8 @@ def _fails(home, *args, code=None, match=None):
     assert "Traceback" not in result.output
     if match:
         assert match in lines[0], lines[0]
-    assert _state(home) == before
+    if state:
+        assert _state(home) == before
     return lines[0]
 
 
@@ -256,12 +258,16 @@ HOSTILE_NAMES = ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;co
 
 @pytest.mark.slow
 def test_hostile_names_are_refused(home, models, tmp_path):
+    # One snapshot around the 88 refusals, not two each: on S3 a snapshot lists and reads every
+    # object, and the refusals write nothing that a later one could undo.
+    before = _state(home)
     for name in HOSTILE_NAMES:
-        _fails(home, "push", models.ft, f"--subject={name}", code=2, match="invalid subject name")
-        _fails(home, "checkout", "-o", tmp_path / "o.safetensors", "--", name, code=2)
-        _fails(home, "tag", "--", "known@1", name, code=2, match="invalid tag name")
-        _fails(home, "base", "add", models.base, f"--name={name}", code=2, match="invalid base name")
+        _fails(home, "push", models.ft, f"--subject={name}", code=2, match="invalid subject name", state=False)
+        _fails(home, "checkout", "-o", tmp_path / "o.safetensors", "--", name, code=2, state=False)
+        _fails(home, "tag", "--", "known@1", name, code=2, match="invalid tag name", state=False)
+        _fails(home, "base", "add", models.base, f"--name={name}", code=2, match="invalid base name", state=False)
         assert not (tmp_path / "o.safetensors").exists()
+    assert _state(home) == before
 
 
 def test_a_blob_that_would_inflate_past_its_recorded_size_is_refused():
