@@ -201,10 +201,6 @@ def convert_checkpoint(ckpt: Checkpoint, src: ModelLayout, dst: ModelLayout) -> 
             return ckpt.get(rule.renamed, scratch)
         return assemble(rule, ckpt.get)  # several reads: none may land in one reused buffer
 
-    view = Checkpoint(ckpt.path, [spec for spec, _ in steps], ckpt.layout, get, ckpt.close, None)
-    view.source_layout = src
-    return view
-
-
-def rows_of(spec_shape: tuple[int, ...]) -> int:
-    return spec_shape[0] if spec_shape else 1
+    # No streamed digest: the conversion reads the file out of order, so the source digest is a
+    # pass of its own (Checkpoint.file_digest).
+    return Checkpoint(ckpt.path, [spec for spec, _ in steps], ckpt.layout, get, ckpt.close, None)
