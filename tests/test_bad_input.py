@@ -209,6 +209,7 @@ def _gadgets(marker):
 
 def test_pickle_gadgets_are_refused_and_run_nothing(home, models, tmp_path):
     marker = tmp_path / "pwned"
+    before = _state(home)  # one snapshot around the refusals (see test_hostile_names_are_refused)
     for gadget, evil in _gadgets(marker).items():
         payloads = {
             "top": evil,
@@ -218,9 +219,10 @@ def test_pickle_gadgets_are_refused_and_run_nothing(home, models, tmp_path):
         for place, payload in payloads.items():
             path = tmp_path / f"evil-{len(list(tmp_path.iterdir()))}.ckpt"
             torch.save(payload, path)
-            _fails(home, "push", path, code=4, match="refused")
-            _fails(home, "base", "add", path, "--name", "evil", code=4, match="refused")
+            _fails(home, "push", path, code=4, match="refused", state=False)
+            _fails(home, "base", "add", path, "--name", "evil", code=4, match="refused", state=False)
             assert not marker.exists(), (gadget, place)
+    assert _state(home) == before
 
 
 def _safetensors(header: dict, data: bytes, declared: int | None = None) -> bytes:
@@ -246,11 +248,13 @@ _LIES = {
 
 
 def test_safetensors_with_a_lying_header_is_refused(home, tmp_path):
+    before = _state(home)  # one snapshot around the refusals (see test_hostile_names_are_refused)
     for lie, (header, size, declared) in _LIES.items():
         path = tmp_path / "lie.safetensors"
         path.write_bytes(_safetensors(header, b"\0" * size, declared))
-        _fails(home, "push", path, code=4)
-        _fails(home, "base", "add", path, "--name", "lie", code=4)
+        _fails(home, "push", path, code=4, state=False)
+        _fails(home, "base", "add", path, "--name", "lie", code=4, state=False)
+    assert _state(home) == before
 
 
 HOSTILE_NAMES = ["../etc", "a/b", "with space", "-dash", "", "x" * 200, "semi;colon", "quote'", "nul\x00", "tab\tname", "ünï", "a\\b", "..", "./x", "a/../b", "x" * 10_000, "'; DROP TABLE subjects; --", 'q"q', "bell\x07", "new\nline", "del\x7f", "\u202eevil"]

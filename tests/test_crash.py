@@ -4,10 +4,10 @@ Each trial SIGKILLs a forked child after a seeded random delay drawn over the op
 duration, so kills land before, during and after uploads, commits and renames. After every trial:
 ``verify --full`` finds no missing or corrupt object; an interrupted push, repeated, succeeds; a
 checkout's output is absent or complete and correct. At the end gc reclaims every orphan.
-``DSREG_CRASH_TRIALS`` sets the trials per operation (default 15 on the embedded default and 8 on
+``DSREG_CRASH_TRIALS`` sets the trials per operation (default 10 on the embedded default and 5 on
 Postgres + S3, where each trial costs twice as much and the test machine's speed varies by up to
-1.7x from day to day: the defaults keep the whole suite under 15 minutes on its slow days; the
-kill points of both together cover each operation's span as densely as before);
+1.7x from day to day: the defaults keep the whole suite under 15 minutes on its slow days, and the
+long mode below runs 50);
 ``DSREG_CRASH_SEED`` the seed. ``DSREG_CRASH_GC_RACE=1`` runs ``dsreg gc --grace 0 --every 0.2s``
 beside the trials, so that kills land while another process collects (the long mode of
 docs/robustness.md: ``DSREG_CRASH_TRIALS=50 DSREG_CRASH_GC_RACE=1 python -m pytest tests/test_crash.py``).
@@ -66,7 +66,7 @@ def _gc_racer(conn: dict) -> subprocess.Popen | None:
 
 
 def _trials(engine) -> int:
-    return int(os.environ.get("DSREG_CRASH_TRIALS", "15" if engine.name == "local" else "8"))
+    return int(os.environ.get("DSREG_CRASH_TRIALS", "10" if engine.name == "local" else "5"))
 
 
 @pytest.mark.slow
