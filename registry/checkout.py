@@ -111,10 +111,10 @@ def model_layouts(ref: str, recorded: dict, keys: list[str], layout: str | None)
         stored = pushed = families.detect(keys)
     if layout is None or (pushed is not None and layout == pushed.layout):
         return stored, pushed
-    if stored is None:
-        raise UsageError(f"{ref} is a model of no family dsreg knows the layouts of; check it out without --layout")
     if recorded.get("format") == "pipeline":
         raise UsageError(f"{ref} is a whole pipeline; --layout converts one model (a UNet or transformer file or folder)")
+    if stored is None:
+        raise UsageError(f"{ref} is a model of no family dsreg knows the layouts of; check it out without --layout")
     if stored.layout == layout:
         return stored, stored if not stored.prefix.endswith("/") else replace(stored, prefix="")
     return stored, ModelLayout(stored.family, layout, pushed.prefix if pushed is not None and not pushed.prefix.endswith("/") else "")
