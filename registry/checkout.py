@@ -117,7 +117,8 @@ def model_layouts(ref: str, recorded: dict, keys: list[str], layout: str | None)
         raise UsageError(f"{ref} is a model of no family dsreg knows the layouts of; check it out without --layout")
     if stored.layout == layout:
         return stored, stored if not stored.prefix.endswith("/") else replace(stored, prefix="")
-    return stored, ModelLayout(stored.family, layout, pushed.prefix if pushed is not None and not pushed.prefix.endswith("/") else "")
+    prefix = families.FAMILIES[stored.family].original_prefix if layout == "original" else ""
+    return stored, ModelLayout(stored.family, layout, prefix)
 
 
 def converted(specs: list[TensorSpec], stored: ModelLayout | None, wanted: ModelLayout | None) -> list[tuple[TensorSpec, Rule]]:

@@ -64,6 +64,9 @@ class Family:
     table: Callable[[Mapping[str, TensorSpec], str], dict[str, tuple[Piece, ...]]]
     # The diffusers class a model of the family loads into, for messages and docs.
     diffusers_class: str
+    # Where the original layout's keys sit in the files its tools load: single-file SD checkpoints
+    # (A1111, ComfyUI, diffusers' from_single_file) have the UNet under model.diffusion_model.
+    original_prefix: str = ""
 
 
 @dataclass(frozen=True)

@@ -47,4 +47,4 @@ def table(specs: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Piece
     return out
 
 
-FAMILY = Family("unet", "Stable Diffusion UNet", detect, table, "UNet2DConditionModel")
+FAMILY = Family("unet", "Stable Diffusion UNet", detect, table, "UNet2DConditionModel", original_prefix="model.diffusion_model.")
