@@ -6,7 +6,6 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -116,7 +115,7 @@ def model_layouts(ref: str, recorded: dict, keys: list[str], layout: str | None)
     if stored is None:
         raise UsageError(f"{ref} is a model of no family dsreg knows the layouts of; check it out without --layout")
     if stored.layout == layout:
-        return stored, stored if not stored.prefix.endswith("/") else replace(stored, prefix="")
+        return stored, stored
     prefix = families.FAMILIES[stored.family].original_prefix if layout == "original" else ""
     return stored, ModelLayout(stored.family, layout, prefix)
 

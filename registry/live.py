@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -395,8 +395,6 @@ def _in_layout_of(module: torch.nn.Module, rev: _Revision, entries: dict[str, St
     theirs = families.detect(keys)
     if stored is None or theirs is None or theirs.family != stored.family:
         return entries
-    if stored.prefix.endswith("/"):  # a pipeline's component, keyed inside it
-        stored = replace(stored, prefix="")
     steps = converted([TensorSpec(k, e.dtype, e.shape) for k, e in entries.items()], stored, theirs)
     out: dict = {}
     for spec, rule in steps:

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -189,11 +189,7 @@ def to_base_layout(catalog: Catalog, ckpt: Checkpoint, base: str | None) -> tupl
     theirs = [m for m in (base_model_layout(catalog, n) for n in names) if m is not None and m.family == own.family]
     if not theirs or any(m.layout == own.layout and m.prefix == own.prefix for m in theirs):
         return ckpt, own, own
-    # A model pushed against a pipeline base fits one of its components, by keys without the
-    # component's folder (see _fit).
-    target = theirs[0] if not theirs[0].prefix.endswith("/") else replace(theirs[0], prefix="")
-    if target == own:
-        return ckpt, own, own
+    target = theirs[0]
     log.info("reading %s as %s, the layout of its base", own, target)
     return families.convert_checkpoint(ckpt, own, target), own, target
 
