@@ -14,8 +14,8 @@ after the page cache is dropped (root) or the subject files are evicted from it:
   machine's mapped base;
 - file: ``safetensors.torch.load_file`` of the subject's checked-out file + ``load_state_dict``;
 - lora: diffusers' ``load_lora_adapter`` + ``fuse_lora`` of the subject's exported low-rank factors (peft keys,
-  ``--factors-only``: with bias deltas as ``lora_B.bias``, ``fuse_lora`` refuses layers without a bias),
-  and ``unfuse_lora`` + ``delete_adapters`` to leave the previous one;
+  ``--factors-only``, as the tables in docs/performance.md were measured: the LoRA part that a
+  loader fuses), and ``unfuse_lora`` + ``delete_adapters`` to leave the previous one;
 - load vs checkout: ``Registry.load`` against ``checkout`` + ``load_file``, with no model resident.
 
 Each step reports its wall times and its peak RSS (VmHWM).
@@ -216,8 +216,7 @@ def prepare(cache: Path, tau: float) -> tuple[Path, Path]:
 
 
 def _export_factors(work: Path) -> None:
-    """Each subject's low-rank factors as a peft LoRA, the part of it diffusers fuses: with the bias
-    deltas that peft calls lora_B.bias, diffusers' fuse_lora refuses every layer that has no bias."""
+    """Each subject's low-rank factors as a peft LoRA: the part of it that diffusers fuses as a LoRA."""
     from dsreg import Registry
 
     with Registry.open(home=work / "registry") as reg:

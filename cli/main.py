@@ -151,21 +151,37 @@ def base_rm(obj: Context, name):
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True, help="gram: fast exact spectrum; svd: plain full SVD.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Leave out an LDM checkpoint's EMA copy (model_ema.*); by default it is stored against the weights it mirrors.")
+@click.option("--only", multiple=True, type=click.Choice(["unet", "transformer", "text_encoder", "text_encoder_2"]),
+              help="Adapters: store only this model's modules (repeatable), e.g. a LoRA with text-encoder modules against a UNet-only base.")
 @json_option
 @click.pass_obj
-def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, no_ema, as_json):
-    """Compress a fine-tuned checkpoint and store it as a new revision."""
+def push(obj: Context, path, subject, base_name, energy, max_error, budget, exact, encoding, method, device, no_ema, only, as_json):
+    """Compress a fine-tuned checkpoint and store it as a new revision.
+
+    PATH is a checkpoint (a .safetensors/.ckpt file or a diffusers folder) or an adapter: a LoRA,
+    LoCon or LyCORIS file in kohya's, diffusers/peft's or XLabs' names, the folder that diffusers'
+    save_lora_weights writes, or an SVDiff output folder. An adapter is stored as its base with the
+    adapter merged, at its own rank unless a rule is given (docs/adapters.md).
+    """
     with obj.bars() as bars:
         rev = obj.registry(write=True).push(
             path, subject, base=base_name, energy=energy, max_error=max_error, budget=budget, exact=exact,
-            encoding=encoding, method=method, device=device, ema=not no_ema, progress=bars,
+            encoding=encoding, method=method, device=device, ema=not no_ema, only=only or None, progress=bars,
         )
     if as_json:
         return echo_json(rev)
     click.echo(
         f"{rev.subject} rev {rev.number}  base {rev.base}  {size(rev.original_bytes)} -> {size(rev.stored_bytes)} "
-        f"({ratio(rev.ratio)})  {rev.rank_rule}" + ("" if rev.rank_rule == "exact" else f" {rev.encoding}")
+        f"({ratio(rev.ratio)})  {_stored_as(rev)}"
     )
+
+
+def _stored_as(rev) -> str:
+    """The rule and encoding a revision was stored under, as a user would read them: SVDiff's
+    shifts have neither (they are kept whole, in fp32)."""
+    if rev.adapter == "svdiff":
+        return "svdiff shifts, kept whole (fp32)"
+    return rev.rank_rule + ("" if rev.rank_rule == "exact" else f" {rev.encoding}")
 
 
 @cli.command()
@@ -192,9 +208,11 @@ def checkout(obj: Context, ref, output, fmt, layout, device, verify, force):
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="LoRA file to write (default: SUBJECT-REV-lora.safetensors).")
 @click.option("--format", "fmt", type=click.Choice(["kohya", "peft"]),
-              help="kohya: lora_unet_* keys (kohya, A1111, ComfyUI, diffusers); peft: diffusers' unet.*.lora_A/B keys. "
-                   "Default: an adapter subject's own kind, else kohya.")
-@click.option("--factors-only", is_flag=True, help="Only the low-rank factors: leave out the 2-D deltas stored dense, sparse or exact (full-rank modules).")
+              help="kohya: lora_unet_* keys in the original release's module names (Flux's fused qkv), with .diff/.diff_b/.w_norm/.b_norm "
+                   "for what no LoRA carries (ComfyUI, A1111, LyCORIS); peft: diffusers' unet.* or transformer.* lora_A/B keys "
+                   "(diffusers). Default: an adapter subject's own kind, else kohya.")
+@click.option("--factors-only", is_flag=True, help="Only the low-rank factors: leave out full-rank modules and the .diff parts "
+              "(a kohya file diffusers' SD loaders accept).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 @force_option
 @json_option

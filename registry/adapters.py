@@ -39,14 +39,12 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from . import codec, spectral, unet_names
+from . import adapter_sites, codec, encodings, spectral
 from .bases import base_tensor
 from .catalog import BaseTensor, BlobRecord, Derived
 from .checkpoint import Checkpoint, Layout, TensorSpec, open_checkpoint
 from .deltasvd import FactoredSpectrum
-from .encodings import fold_tucker
-from .errors import AmbiguousBase, BaseMismatch, CheckpointError, NonFiniteWeights
-from .lora import module_of
+from .errors import AmbiguousBase, BaseMismatch, CheckpointError, NonFiniteWeights, UsageError
 
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
@@ -54,8 +52,7 @@ SVDIFF = "svdiff"
 # SVDiff's files, as svdiff-pytorch's training script writes them: the UNet's shifts and the text encoder's.
 SVDIFF_FILES = {"spectral_shifts.safetensors": "unet.", "spectral_shifts_te.safetensors": "text_encoder."}
 
-_LDM_UNET, _LDM_TEXT = "model.diffusion_model.", "cond_stage_model.transformer."
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
 _KOHYA_PARTS = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
     "diff": "weight", "diff_b": "bias", "w_norm": "weight", "b_norm": "bias",
@@ -67,11 +64,36 @@ _DIFFUSERS_PARTS = {
     "lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias", "alpha": "alpha",
 }
 _PROCESSOR = re.compile(r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+# XLabs' Flux LoRA: a processor's LoRAs on each stream's fused qkv and output projection.
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(?P<module>(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora[12]?)\.(?P<part>down|up)\.weight$")
 # Parts of other algorithms, by the name a user knows them by.
 _OTHER_ALGORITHMS = {
     "hada_": "LoHa (hada_*)", "lokr_": "LoKr (lokr_*)", "dora_scale": "DoRA (dora_scale)",
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector)", "oft_": "OFT", "bias_indices": "LyCORIS' sparse bias (bias_indices)",
 }
+# Why each is refused: what its merge is, so that a user knows what to do instead.
+_WHY = {
+    "DoRA": "its merge rescales every column of a layer's merged weight to a stored magnitude, a full-rank change "
+            "(diffusers drops the magnitudes with a warning, so its merge is not the file's)",
+    "LoHa": "its change is a Hadamard product of two low-rank products, of rank up to the square of its own",
+    "LoKr": "its change is a Kronecker product, of rank up to the product of its factors' ranks",
+}
+# Which model of a pipeline an adapter module is for, by its name's head (--only picks models).
+MODELS = ("unet", "text_encoder", "text_encoder_2")
+_MODEL_HEADS = {
+    "lora_te2_": "text_encoder_2", "lora_te1_": "text_encoder", "lora_te_": "text_encoder",
+    "text_encoder_2.": "text_encoder_2", "text_encoder.": "text_encoder",
+}
+
+
+@dataclass(frozen=True)
+class SharedFactors:
+    """One LoRA over several base tensors (a fused q/k/v LoRA against split q, k, v): its up
+    (scale folded in) and its down, with the rows of up each base tensor takes."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    rows: tuple[tuple[str, int, int], ...]  # (base key, first row, row past the last)
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,20 @@ class LowRankUpdate:
     down: torch.Tensor
     scale: float
     tucker: tuple[torch.Tensor, torch.Tensor] | None = None  # LyCORIS' (lora_mid, lora_down as r x in), which fold into ``down``
+    shared: SharedFactors | None = None  # the LoRA these rows are cut from, stored once for all its tensors
+    blocks: tuple | None = None  # several LoRAs on row blocks: (first row, past the last, up · scale, down) each
     factored: ClassVar[bool] = True
+
+    def given(self, encoding: str) -> tuple[dict[str, torch.Tensor], int] | None:
+        """(blob, rank) that stores this update as the file gave it, where decomposing it would
+        store more; None where the decomposition is as small."""
+        if encoding not in encodings.FLOAT_ENCODINGS:
+            return None
+        if self.shared is not None:
+            return encodings.encode_shared(self.shared.up, self.shared.down, self.shared.rows, encoding), self.down.shape[0]
+        if self.blocks is not None:
+            return encodings.encode_blocks(self.blocks, self.up.shape[0], encoding), self.down.shape[0]
+        return None
 
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
         return (self.up.float() @ self.down.float()).mul_(self.scale).reshape(shape)
@@ -111,6 +146,9 @@ class DenseUpdate:
     def stored(self) -> None:
         return None
 
+    def given(self, encoding: str) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class SpectralUpdate:
@@ -131,6 +169,9 @@ class SpectralUpdate:
     def stored(self) -> dict[str, torch.Tensor]:
         return self.blob
 
+    def given(self, encoding: str) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -141,6 +182,25 @@ class Adapter:
     modules: dict[str, dict[str, torch.Tensor]]  # module name as the file gives it -> part -> tensor
     config: dict = field(default_factory=dict)  # diffusers' lora_adapter_metadata, if any
     nbytes: int = 0
+    left_out: tuple[str, ...] = ()  # modules of models that --only left out
+
+    def only(self, models: tuple[str, ...] | None) -> "Adapter":
+        """The adapter's modules for ``models`` alone (unet, text_encoder, text_encoder_2)."""
+        if not models:
+            return self
+        wanted = {"unet" if m == "transformer" else m for m in models}
+        unknown = wanted - set(MODELS)
+        if unknown:
+            raise UsageError(f"unknown model {sorted(unknown)[0]!r} for --only; use unet (or transformer), text_encoder or text_encoder_2")
+        kept = {m: p for m, p in self.modules.items() if model_of(m) in wanted}
+        if not kept:
+            raise CheckpointError(f"{self.path.name} has no modules for {', '.join(sorted(wanted))}; nothing was stored")
+        return replace(self, modules=kept, left_out=tuple(sorted(m for m in self.modules if m not in kept)))
+
+
+def model_of(module: str) -> str:
+    """The pipeline model an adapter module is for: unet (also a transformer), text_encoder or text_encoder_2."""
+    return next((model for head, model in _MODEL_HEADS.items() if module.startswith(head)), "unet")
 
 
 def looks_like_adapter(keys: list[str]) -> bool:
@@ -179,9 +239,10 @@ def read(ckpt: Checkpoint) -> Adapter:
     if unknown:
         for prefix, name in _OTHER_ALGORITHMS.items():
             if any(prefix in k for k in unknown):
+                why = next((f": {text}" for algo, text in _WHY.items() if name.startswith(algo)), "")
                 raise CheckpointError(
-                    f"{ckpt.path.name} is a {name} adapter, which dsreg does not read; merge it into the base "
-                    "with its own tool and push the merged checkpoint"
+                    f"{ckpt.path.name} is a {name} adapter, which dsreg does not store as a subject{why}; merge it "
+                    "into the base with its trainer's tool and push the merged checkpoint"
                 )
         raise CheckpointError(f"{ckpt.path.name}: {len(unknown)} keys are no adapter part dsreg reads, e.g. {', '.join(unknown[:3])}")
     config = _config((ckpt.layout.metadata or {}).get("lora_adapter_metadata"))
@@ -193,6 +254,9 @@ def _split(key: str, fmt: str) -> tuple[str, str] | None:
     if fmt == KOHYA:
         module, _, part = key.partition(".")
         return (module, _KOHYA_PARTS[part]) if module.startswith(_KOHYA_PREFIXES) and part in _KOHYA_PARTS else None
+    m = _XLABS.match(key)
+    if m:
+        return m["module"], m["part"]
     m = _PROCESSOR.match(key)
     if m:
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
@@ -212,107 +276,98 @@ def _config(text: str | None) -> dict:
         raise CheckpointError("the adapter's lora_adapter_metadata is not JSON") from None
     for key, value in config.items():
         if key.endswith(".use_dora") and value:
-            raise CheckpointError("this is a DoRA adapter (use_dora in its metadata), which dsreg does not read; merge it and push the merged checkpoint")
+            raise CheckpointError(
+                f"this is a DoRA adapter (use_dora in its metadata), which dsreg does not store as a subject: {_WHY['DoRA']}; "
+                "merge it with its trainer's tool and push the merged checkpoint"
+            )
     return config
 
 
 # ---------------------------------------------------------------- matching a base
 
 
-def module_index(base: dict[str, BaseTensor]) -> dict[str, str]:
-    """Every name an adapter file may give a base module -> the module's key without .weight/.bias."""
-    index: dict[str, str] = {}
-    ldm_unet = [k[len(_LDM_UNET):].rsplit(".", 1)[0] for k in base if k.startswith(_LDM_UNET)]
-    layers = unet_names.layers_per_block(ldm_unet) if ldm_unet else 0
-    for key in base:
-        t = module_of(key)
-        if t is None:
-            continue
-        prefix = key.rsplit(".", 1)[0]
-        peft = "text_encoder." + t.module if key.startswith(_LDM_TEXT) else t.peft
-        names = [t.kohya, peft]
-        if key.startswith(_LDM_UNET):
-            # Trainers name an LDM base's UNet modules as diffusers does (lora_unet_down_blocks_0_...).
-            renamed = unet_names.diffusers_module(t.module, layers)
-            if renamed:
-                names += ["lora_unet_" + renamed.replace(".", "_"), "unet." + renamed]
-        if t.kohya.startswith(("lora_te_", "lora_te2_")):
-            # CLIP's modules sit under text_model. in transformers 4 and in most files, not in
-            # transformers 5; diffusers' own text-encoder LoRA keys leave it out. Either name fits.
-            module = t.module
-            head = t.kohya[: len(t.kohya) - len(module)]  # lora_te_ or lora_te2_
-            other = module[len("text_model."):] if module.startswith("text_model.") else "text_model." + module
-            names.append(head + other.replace(".", "_"))
-            if peft:
-                names.append(peft.split(".", 1)[0] + "." + other)
-        names += ["lora_te1_" + n[len("lora_te_"):] for n in names if n and n.startswith("lora_te_")]  # SDXL trainers number the first encoder too
-        for name in filter(None, names):
-            index.setdefault(name, prefix)
-    return index
-
-
 def updates(adapter: Adapter, base: dict[str, BaseTensor]) -> dict[str, LowRankUpdate | DenseUpdate]:
-    """The adapter's changes by base key; BaseMismatch where it does not fit ``base``."""
-    index = module_index(base)
-    missing = sorted(m for m in adapter.modules if m not in index)
+    """The adapter's changes by base key; BaseMismatch where it does not fit ``base``.
+
+    A module may be named in either layout of the base's family: its change is cut into the base
+    tensors' rows it covers (:mod:`adapter_sites`), and the parts that land in one tensor joined."""
+    sites = adapter_sites.index(base)
+    missing = sorted(m for m in adapter.modules if m not in sites)
     if missing:
-        raise BaseMismatch(f"{len(missing)} adapter modules match no module of the base, e.g. {', '.join(missing[:3])}")
-    out: dict[str, LowRankUpdate | DenseUpdate] = {}
+        raise BaseMismatch(_missing(missing, adapter))
+    parts: dict[str, list[adapter_sites.Part]] = {}
 
-    def put(key: str, update, module: str) -> None:
-        if key not in base:
-            raise BaseMismatch(f"adapter module {module} changes {key!r}, which the base does not have")
-        if key in out:
-            raise CheckpointError(f"adapter module {module} changes {key!r} twice (a LoRA and a whole delta); nothing was stored")
-        out[key] = update
+    def put(key: str, update, module: str, start: int, stop: int) -> None:
+        parts.setdefault(key, []).append(adapter_sites.Part(module, start, stop, update))
 
-    for module, parts in adapter.modules.items():
-        prefix = index[module]
+    def land(module: str, pieces, update) -> None:
+        spread = list(adapter_sites.spread(pieces))
+        shared = None
+        if isinstance(update, LowRankUpdate) and len(spread) > 1 and all(p.start == 0 and p.stop == base[p.key].shape[0] for p, _ in spread):
+            rows = tuple((p.key, offset, offset + p.stop - p.start) for p, offset in spread)
+            shared = SharedFactors(update.up * update.scale, update.down, rows)
+        for piece, offset in spread:
+            part = adapter_sites.rows_of(update, offset, offset + piece.stop - piece.start)
+            put(piece.key, part if shared is None else replace(part, shared=shared), module, piece.start, piece.stop)
+
+    for module, found in adapter.modules.items():
+        site = sites[module]
         scale = None
-        if "down" in parts or "up" in parts:
-            weight = f"{prefix}.weight"
-            up, down, tucker = _factors(module, parts, base.get(weight))
-            scale = _scale(adapter, module, parts, down.shape[0])
-            put(weight, LowRankUpdate(up, down, scale, tucker), module)
-        elif "mid" in parts:
+        if "down" in found or "up" in found:
+            up, down, tucker = _factors(module, found, site)
+            scale = _scale(adapter, module, found, down.shape[0])
+            land(module, site.weight, LowRankUpdate(up, down, scale, tucker))
+        elif "mid" in found:
             raise CheckpointError(f"adapter module {module} has lora_mid without lora_down and lora_up")
-        for part, suffix in (("weight", ".weight"), ("bias", ".bias")):
-            if part in parts:
-                key = prefix + suffix
-                if key in base and tuple(parts[part].shape) != base[key].shape:
-                    raise BaseMismatch(
-                        f"adapter module {module}: its {part} delta has shape {list(parts[part].shape)}, "
-                        f"the base's {key!r} {list(base[key].shape)}"
-                    )
-                put(key, DenseUpdate(parts[part].float()), module)
-        if "shift" in parts:
-            key = f"{prefix}.weight"
-            if key not in base:
-                raise BaseMismatch(f"SVDiff module {module} shifts {key!r}, which the base does not have")
-            shift, rank = parts["shift"], min(spectral.as_matrix(torch.empty(base[key].shape, device="meta")).shape)
+        if "weight" in found:
+            if tuple(found["weight"].shape) != site.shape:
+                raise BaseMismatch(f"adapter module {module}: its weight delta has shape {list(found['weight'].shape)}, the base's module {list(site.shape)}")
+            land(module, site.weight, DenseUpdate(found["weight"].float()))
+        for part, what in (("bias", "bias delta"), ("up_bias", "lora_B.bias")):
+            if part not in found:
+                continue
+            value = found[part].float() * (1.0 if part == "bias" or scale is None else scale)  # peft's lora_bias: bias += scale · lora_B.bias
+            rows = sum(p.stop - p.start for p in site.bias)
+            if not site.bias or value.dim() != 1 or value.numel() != rows:
+                has = f"{rows} values" if site.bias else "no bias"
+                raise BaseMismatch(f"adapter module {module}: its {what} has shape {list(value.shape)}; the base's module has {has}")
+            land(module, site.bias, DenseUpdate(value))
+        if "shift" in found:
+            key = site.key
+            if key is None:
+                raise BaseMismatch(f"SVDiff module {module} shifts a weight that the base keeps in other tensors")
+            shift, rank = found["shift"], min(spectral.as_matrix(torch.empty(base[key].shape, device="meta")).shape)
             if shift.dim() != 1 or shift.numel() > rank:
                 raise CheckpointError(
                     f"SVDiff module {module} has a shift of shape {list(shift.shape)}; the base's {key!r} "
                     f"{list(base[key].shape)} has {rank} singular values"
                 )
-            put(key, SpectralUpdate(shift.float()), module)
-        if "up_bias" in parts:  # peft's lora_bias: the bias moves by scale · lora_B.bias
-            key = f"{prefix}.bias"
-            if key in base and base[key].shape != tuple(parts["up_bias"].shape):
-                raise BaseMismatch(f"adapter module {module}: lora_B.bias has {parts['up_bias'].numel()} values, the base's {key!r} {base[key].shape}")
-            put(key, DenseUpdate(parts["up_bias"].float() * (1.0 if scale is None else scale)), module)
+            put(key, SpectralUpdate(shift.float()), module, 0, base[key].shape[0])
+    out = {key: adapter_sites.combine(key, base[key].shape, found) for key, found in parts.items()}
     if not out:
         raise CheckpointError(f"{adapter.path.name} changes nothing: it has no LoRA factors or deltas")
     return out
 
 
-def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | None):
-    """(up, down, tucker): up and down as matrices of the base weight's out x in·kh·kw form, and a
+def _missing(modules: list[str], adapter: Adapter) -> str:
+    """Why modules have no place: a whole model the base lacks is named, with --only for the rest."""
+    by_model: dict[str, list[str]] = {}
+    for m in modules:
+        by_model.setdefault(model_of(m), []).append(m)
+    fits = {model_of(m) for m in adapter.modules} - {m for m, names in by_model.items() if len(names) == sum(model_of(x) == m for x in adapter.modules)}
+    whole = [m for m in by_model if m not in fits]
+    if fits and whole:
+        lacks = ", ".join(f"{len(by_model[m])} {m} modules (e.g. {by_model[m][0]})" for m in whole)
+        keep = " ".join(f"--only {m}" for m in sorted(fits))
+        return f"the adapter has {lacks}, and the base has no such model; `dsreg push {keep}` stores the part that fits"
+    return f"{len(modules)} adapter modules match no module of the base, e.g. {', '.join(modules[:3])}"
+
+
+def _factors(module: str, parts: dict[str, torch.Tensor], site: adapter_sites.Site):
+    """(up, down, tucker): up and down as matrices of the module's out x in·kh·kw form, and a
     Tucker conv's (lora_mid, lora_down) that fold into that down, else None."""
     if "up" not in parts or "down" not in parts:
         raise CheckpointError(f"adapter module {module} has only one of its two LoRA factors")
-    if weight is None:
-        raise BaseMismatch(f"adapter module {module} is a LoRA on a module whose weight the base does not have")
     up, down = parts["up"].float(), parts["down"].float()
     rank = down.shape[0]
     if up.dim() < 2 or up.shape[1] != rank or up[0].numel() != rank:
@@ -324,14 +379,16 @@ def _factors(module: str, parts: dict[str, torch.Tensor], weight: BaseTensor | N
         if mid.dim() != 4 or mid.shape[:2] != (rank, rank) or down[0].numel() != down.shape[1]:
             raise CheckpointError(f"adapter module {module}: lora_mid {list(mid.shape)} does not fit rank {rank} and lora_down {list(down.shape)}")
         tucker = (mid, down.reshape(rank, -1))
-        down = fold_tucker(*tucker)
+        down = encodings.fold_tucker(*tucker)
     down = down.reshape(rank, -1)
-    out, inner = weight.shape[0], _numel(weight.shape[1:])
+    out, inner = site.shape[0], _numel(site.shape[1:])
     if up.shape[0] != out or down.shape[1] != inner:
         raise BaseMismatch(
-            f"adapter module {module} is a LoRA of {up.shape[0]} x {down.shape[1]}; the base's {weight.key!r} "
-            f"is {list(weight.shape)}: this adapter was made for another base"
+            f"adapter module {module} is a LoRA of {up.shape[0]} x {down.shape[1]}; the base's module is "
+            f"{list(site.shape)}: this adapter was made for another base"
         )
+    if rank > min(out, inner):
+        raise CheckpointError(f"adapter module {module} has rank {rank}, more than its {out} x {inner} layer can have; nothing was stored")
     return up, down, tucker
 
 
@@ -340,6 +397,12 @@ def _scale(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], rank: 
         alpha = parts["alpha"]
         if alpha.numel() != 1:
             raise CheckpointError(f"adapter module {module}: alpha has {alpha.numel()} values, not one")
+        if float(alpha.reshape(())) == 0:
+            # LyCORIS reads alpha 0 as no scaling, diffusers, A1111 and ComfyUI as scale 0: no reading is safe.
+            raise CheckpointError(
+                f"adapter module {module} has alpha 0, which LyCORIS reads as scale 1 and diffusers, A1111 and ComfyUI "
+                "as scale 0 (no change); set its alpha to the rank it was trained with (scale 1) and push again"
+            )
         return float(alpha.reshape(())) / rank
     if not adapter.config:
         return 1.0
@@ -430,24 +493,40 @@ class MergedCheckpoint(Checkpoint):
     def describe(self) -> dict:
         """What the revision's layout keeps of the adapter: export-lora writes its format back."""
         parts = sorted({p for parts in self.adapter.modules.values() for p in parts})
-        return {"format": self.adapter.format, "file": self.adapter.path.name, "modules": len(self.adapter.modules), "parts": parts}
+        out = {"format": self.adapter.format, "file": self.adapter.path.name, "modules": len(self.adapter.modules), "parts": parts}
+        if self.adapter.left_out:
+            out["left_out"] = list(self.adapter.left_out)
+        return out
 
 
 @contextmanager
-def open_input(reg, path, base: str | None = None) -> Iterator[Checkpoint]:
+def open_input(reg, path, base: str | None = None, only: tuple[str, ...] | None = None) -> Iterator[Checkpoint]:
     """What a push reads at ``path``: a checkpoint as it is, or an adapter merged onto its base
-    (``base``, else the one registered base it fits)."""
+    (``base``, else the one registered base it fits); ``only`` keeps an adapter's modules for
+    those models (unet, text_encoder, text_encoder_2)."""
     folder = Path(path)
     if folder.is_dir() and any((folder / f).is_file() for f in SVDIFF_FILES):
         adapter = _read_svdiff_folder(folder)
     else:
-        with open_checkpoint(path) as ckpt:
+        with open_checkpoint(_weights_file(folder)) as ckpt:
             if not looks_like_adapter([s.key for s in ckpt.specs]):
+                if only:
+                    raise UsageError("--only picks models of an adapter file; this is a checkpoint")
                 yield ckpt
                 return
             adapter = read(ckpt)
+    adapter = adapter.only(only)
     name, tensors, changes = _fit(reg, adapter, base)
     yield MergedCheckpoint(reg, adapter, name, tensors, changes)
+
+
+def _weights_file(path: Path) -> Path:
+    """The file a push reads: a folder that is no model (diffusers' save_lora_weights writes one
+    file and no config) is its one safetensors file."""
+    if not path.is_dir() or any((path / name).is_file() for name in ("config.json", "model_index.json")):
+        return path
+    files = sorted(path.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else path
 
 
 def _read_svdiff_folder(folder: Path) -> Adapter:

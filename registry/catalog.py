@@ -985,6 +985,7 @@ def _revision_record(row: RevisionRow, subject: str, base: str, tags: tuple[str,
         rank_rule=row.rank_rule, encoding=row.encoding, original_bytes=row.original_bytes, stored_bytes=row.stored_bytes,
         kept_params=row.kept_params, n_tensors=row.n_tensors, n_changed=row.n_changed,
         source_digest=row.source_digest, source_format=row.source_format, tags=tags,
+        adapter=(json.loads(row.layout).get("adapter") or {}).get("format") if '"adapter"' in row.layout else None,
     )
 
 

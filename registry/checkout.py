@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from . import codec, deltas, families, spectral
+from . import codec, deltas, encodings, families, spectral
 from .bases import base_map, base_tensor, with_ema_mirrors
 from .catalog import BaseTensor, StoredEntry
 from .checkpoint import FORMATS, PICKLE_SUFFIXES, Layout, TensorSpec, fill_safetensors, write_atomically, write_checkpoint
@@ -231,6 +231,8 @@ def entry_blob(reg, entry: StoredEntry) -> dict[str, torch.Tensor] | None:
     if not entry.blob:
         return None
     stored = codec.decode(reg.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
+    if entry.kind == "lowrank":  # one LoRA's factors shared by several tensors: this entry's rows
+        return encodings.shared_part(stored, entry.key)
     return spectral.with_svd(reg, stored, entry.key) if entry.kind == "spectral" else stored
 
 

@@ -67,6 +67,10 @@ class Update(Protocol):
     def stored(self) -> dict[str, torch.Tensor] | None:
         """The tensors the update is stored as, as it is (SVDiff's shifts), or None where a rank rule decides."""
 
+    def given(self, encoding: str) -> tuple[dict[str, torch.Tensor], int] | None:
+        """(factor blob, rank) as the file gave the factors, where a rule that keeps every
+        direction would store more by decomposing them; else None."""
+
 
 @dataclass(frozen=True)
 class _Candidate:
@@ -123,6 +127,13 @@ def compress(
     as_given = update.stored() if update is not None else None
     if as_given is not None:  # no rank rule applies: a few values per layer already
         return _stored(_Candidate("spectral", as_given, 0, 0.0))
+    given = update.given(encoding) if update is not None and rule.mode == "energy" and rule.value >= 1 else None
+    if given is not None:
+        # A LoRA across a fused/split boundary, kept whole: stored as the file gave it. Decomposed,
+        # a fused LoRA would repeat its down per split tensor, and split LoRAs on one fused tensor
+        # would fill their block-diagonal up with zeros.
+        blob, rank = given
+        return _stored(_Candidate("lowrank", blob, 0, 0.0, rank, encoding), min(ft.shape[0], ft[0].numel()))
     bound = rule.value if rule.mode == "max-error" else None
     if update is not None:
         delta = None if update.factored else update.delta(tuple(ft.shape)).to(device)

@@ -92,6 +92,52 @@ def decode_factors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return a, b
 
 
+def encode_shared(up: torch.Tensor, down: torch.Tensor, rows: tuple[tuple[str, int, int], ...], encoding: str) -> dict[str, torch.Tensor]:
+    """One LoRA's factors over several tensors (a fused q/k/v LoRA against split q, k and v): its
+    whole up (scale folded in) and down, once, with the rows of up that each tensor's entry takes."""
+    dtype = FLOAT_ENCODINGS[encoding]
+    keys = "\n".join(k for k, _, _ in rows).encode()
+    return {
+        "a": up.to(dtype).contiguous(), "b": down.to(dtype).contiguous(),
+        "rows.keys": torch.tensor(list(keys), dtype=torch.uint8),
+        "rows.span": torch.tensor([[start, stop] for _, start, stop in rows], dtype=torch.int64),
+    }
+
+
+def encode_blocks(blocks, rows: int, encoding: str) -> dict[str, torch.Tensor]:
+    """Several LoRAs on row blocks of one tensor (split q, k, v LoRAs against a fused qkv), each
+    as given: ``blocks`` is (first row, past the last, up with scale folded in, down) per LoRA."""
+    dtype = FLOAT_ENCODINGS[encoding]
+    out = {"blocks.span": torch.tensor([[start, stop] for start, stop, _, _ in blocks], dtype=torch.int64), "blocks.rows": torch.tensor([rows])}
+    for i, (_, _, up, down) in enumerate(blocks):
+        # Copies: blocks may share one down, and safetensors stores no tensor twice.
+        out[f"blocks.{i}.a"], out[f"blocks.{i}.b"] = up.to(dtype).clone(), down.to(dtype).clone()
+    return out
+
+
+def _decode_blocks(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of :func:`encode_blocks`: a is block-diagonal, its blocks at their rows; b the downs stacked."""
+    spans = tensors["blocks.span"].tolist()
+    ups = [tensors[f"blocks.{i}.a"].float() for i in range(len(spans))]
+    a = torch.zeros(int(tensors["blocks.rows"]), sum(u.shape[1] for u in ups))
+    column = 0
+    for (start, stop), up in zip(spans, ups):
+        a[start:stop, column:column + up.shape[1]] = up
+        column += up.shape[1]
+    return a, torch.cat([tensors[f"blocks.{i}.b"].float() for i in range(len(spans))])
+
+
+def shared_part(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """Entry ``key``'s factors from a shared blob (:func:`encode_shared`): its rows of a, and b."""
+    if "rows.keys" not in tensors:
+        return tensors
+    keys = bytes(tensors["rows.keys"].tolist()).decode().split("\n")
+    if key not in keys:
+        raise ValueError(f"shared factor blob has no rows for {key!r}")
+    start, stop = tensors["rows.span"][keys.index(key)].tolist()
+    return {"a": tensors["a"][start:stop], "b": tensors["b"]}
+
+
 def fold_tucker(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """A Tucker conv's lora_mid (r × r × kh × kw) and lora_down (r × in) as one r × in·kh·kw factor."""
     rank = mid.shape[0]
@@ -99,6 +145,8 @@ def fold_tucker(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if "blocks.span" in tensors:
+        return _decode_blocks(tensors)
     if "a" in tensors and "b" in tensors:
         return tensors["a"].float(), tensors["b"].float()
     if "a.q8" not in tensors:

@@ -98,8 +98,8 @@ def cached_blob(reg, entry: StoredEntry, device: torch.device | None = None) -> 
             raise IntegrityError(f"cannot rebuild tensor {entry.key!r}: {exc}") from None
         return stored if device.type == "cpu" else {k: v.to(device) for k, v in stored.items()}
 
-    # A revision's spectral entries share one blob, each its own part of it.
-    key = (entry.blob, entry.key, str(device)) if entry.kind == "spectral" else (entry.blob, str(device))
+    # Spectral entries, and a fused LoRA's entries, share one blob, each its own part of it.
+    key = (entry.blob, entry.key, str(device)) if entry.kind in ("spectral", "lowrank") else (entry.blob, str(device))
     return reg.factors.get(key, fetch)
 
 

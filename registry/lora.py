@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import families
 from .errors import UsageError
 from .layers import key_layout, layer_type
 
@@ -42,7 +43,7 @@ _COMPONENTS = (
     ("text_encoder/", "lora_te_", "text_encoder."),
     ("text_encoder_2/", "lora_te2_", "text_encoder_2."),
     ("model.diffusion_model.", "lora_unet_", None),
-    ("cond_stage_model.transformer.", "lora_te_", None),
+    ("cond_stage_model.transformer.", "lora_te_", "text_encoder."),
     ("", "lora_unet_", "unet."),
 )
 # Prefixes of models that LoRA conventions have no names for: the VAE, and the rest of a pipeline.
@@ -92,13 +93,6 @@ def module_of(key: str) -> Target | None:
     return None
 
 
-def bias_target(key: str, weights: dict[str, Target]) -> Target | None:
-    """A bias belongs to the LoRA module of its layer's weight, if that weight has one."""
-    if not key.endswith(".bias"):
-        return None
-    return weights.get(key[: -len(".bias")] + ".weight")
-
-
 # Keys that say a checkpoint is a Stable Diffusion UNet or text encoder, whose modules LoRA loaders name.
 _KNOWN_MODELS = (
     "conv_in.", "down_blocks.", "mid_block.", "up_blocks.", "time_embedding.", "model.diffusion_model.",
@@ -109,16 +103,16 @@ _KNOWN_MODELS = (
 def check_format(fmt: str, keys: list[str]) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"unknown LoRA format {fmt!r}; use kohya or peft")
-    if not any(k.startswith(_KNOWN_MODELS) for k in keys):
+    if not any(k.startswith(_KNOWN_MODELS) for k in keys) and families.detect(keys) is None:
         raise UsageError(
-            f"this subject is {key_layout(keys)}: LoRA loaders name the modules of a Stable Diffusion UNet "
-            "or text encoder (lora_unet_*, lora_te_*, unet.*, text_encoder.*) and would match none of these; "
-            "check the subject out instead"
+            f"this subject is {key_layout(keys)}: LoRA loaders name the modules of a Stable Diffusion UNet, "
+            "a Flux or SD3 transformer or a text encoder (lora_unet_*, lora_te_*, unet.*, transformer.*, text_encoder.*) "
+            "and would match none of these; check the subject out instead"
         )
-    if fmt == "peft" and any(k.startswith("model.diffusion_model.") for k in keys):
+    if fmt == "peft" and any(k.startswith("model.diffusion_model.") for k in keys) and families.detect(keys) is None:
         raise UsageError(
-            "this subject is an LDM single-file checkpoint (model.diffusion_model.* keys); peft LoRA files need "
-            "diffusers module names: use --format kohya, which A1111 and ComfyUI map to these names"
+            "this subject is an LDM single-file checkpoint (model.diffusion_model.* keys) of no model family dsreg "
+            "converts; peft LoRA files need diffusers module names: use --format kohya, which A1111 and ComfyUI map to these names"
         )
 
 
@@ -132,7 +126,7 @@ def factors_pair(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> tu
     split = torch.where(norms > 0, norms.sqrt(), torch.ones_like(norms))
     up = a / split[None, :]
     down = b * split[:, None]
-    return _shaped(down, up, shape)
+    return shaped(down, up, shape)
 
 
 def full_rank_pair(delta: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,18 +135,18 @@ def full_rank_pair(delta: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.T
     matrix = delta.reshape(out, -1).float()
     inner = matrix.shape[1]
     if len(shape) == 2 and inner < out:
-        return _shaped(torch.eye(inner), matrix, shape)
-    return _shaped(matrix, torch.eye(out), shape)
+        return shaped(torch.eye(inner), matrix, shape)
+    return shaped(matrix, torch.eye(out), shape)
 
 
 def rows_pair(rows: torch.Tensor, row_deltas: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) for a delta that touches only ``rows``: up picks the rows, down holds their change."""
     up = torch.zeros(shape[0], rows.numel())
     up[rows, torch.arange(rows.numel())] = 1.0
-    return _shaped(row_deltas.reshape(rows.numel(), -1).float(), up, shape)
+    return shaped(row_deltas.reshape(rows.numel(), -1).float(), up, shape)
 
 
-def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     rank = down.shape[0]
     if len(shape) == 4:  # conv LoRA: down keeps the kernel, up is a 1x1 conv
         return down.reshape(rank, *shape[1:]).contiguous(), up.reshape(shape[0], rank, 1, 1).contiguous()
@@ -160,40 +154,74 @@ def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tup
 
 
 class LoraFile:
-    """The tensors and metadata of one LoRA file, added to module by module."""
+    """The tensors and metadata of one LoRA file, added to module by module.
 
-    def __init__(self, fmt: str, dtype: str):
+    Beside the LoRA factors, a kohya file carries whole changes as LyCORIS names them, which
+    ComfyUI, A1111 and LyCORIS read: ``.diff`` (a weight's delta), ``.diff_b`` (a bias's),
+    ``.w_norm`` / ``.b_norm`` (a norm layer's). A peft file carries bias deltas on ``lora_B.bias``.
+    """
+
+    def __init__(self, fmt: str, dtype: str, family: str | None = None):
         if dtype not in DTYPES:
             raise UsageError(f"unknown LoRA dtype {dtype!r}; use fp16, bf16 or fp32")
         self.format = fmt
         self.dtype = DTYPES[dtype]
+        # diffusers names a transformer's modules transformer.*, a UNet's unet.*
+        self.model = "transformer." if family in ("flux", "sd3") else "unet."
         self.tensors: dict[str, torch.Tensor] = {}
-        self.ranks: dict[str, int] = {}  # target name -> rank
-        self.biases: dict[str, torch.Tensor] = {}  # peft target name -> bias delta
+        self.ranks: dict[str, int] = {}  # module name -> rank
+        self.weights: dict[str, str] = {}  # module name -> the weight key its LoRA changes
+        self.biases: dict[str, torch.Tensor] = {}  # peft module name -> bias delta
 
-    def add(self, t: Target, down: torch.Tensor, up: torch.Tensor) -> None:
-        name = t.name(self.format)
-        rank = down.shape[0]
-        self.ranks[name] = rank
+    def name(self, t: Target) -> str | None:
         if self.format == "kohya":
-            self.tensors[f"{name}.lora_down.weight"] = down.to(self.dtype)
-            self.tensors[f"{name}.lora_up.weight"] = up.to(self.dtype)
-        else:
-            self.tensors[f"{name}.lora_A.weight"] = down.to(self.dtype)
-            self.tensors[f"{name}.lora_B.weight"] = up.to(self.dtype)
+            return t.kohya
+        if t.peft is not None and t.peft.startswith("unet."):
+            return self.model + t.peft[len("unet."):]
+        return t.peft
 
-    def add_bias(self, t: Target, delta: torch.Tensor) -> bool:
-        """A bias delta on a module that has a LoRA; only peft's ``lora_B.bias`` carries one."""
-        if self.format != "peft" or t.peft not in self.ranks:
+    def add(self, t: Target, down: torch.Tensor, up: torch.Tensor, key: str) -> bool:
+        """A module's LoRA; False where the format has no name for the module."""
+        name = self.name(t)
+        if name is None:
             return False
-        self.biases[t.peft] = delta.float()
+        self.ranks[name] = down.shape[0]
+        self.weights[name] = key
+        down_key, up_key = ("lora_down.weight", "lora_up.weight") if self.format == "kohya" else ("lora_A.weight", "lora_B.weight")
+        self.tensors[f"{name}.{down_key}"] = down.to(self.dtype)
+        self.tensors[f"{name}.{up_key}"] = up.to(self.dtype)
+        return True
+
+    def add_biases(self, biases: list[tuple[str, Target, torch.Tensor]], has_bias: set[str]) -> set[str]:
+        """Bias deltas; the keys carried. peft's ``lora_bias`` is one switch for every module of a
+        model, and diffusers cannot fuse it into a layer without a bias: biases ride on lora_B.bias
+        only where every module with a LoRA has a bias, else none does."""
+        if self.format == "kohya":
+            for key, t, delta in biases:
+                part = "b_norm" if layer_type(key) == "norm" else "diff_b"
+                self.tensors[f"{t.kohya}.{part}"] = delta.to(self.dtype)
+            return {key for key, _, _ in biases}
+        with_lora = [(key, t, delta) for key, t, delta in biases if self.name(t) in self.ranks]
+        if not with_lora or any(weight not in has_bias for weight in self.weights.values()):
+            return set()
+        for _, t, delta in with_lora:
+            self.biases[self.name(t)] = delta.float()
+        return {key for key, _, _ in with_lora}
+
+    def add_whole(self, key: str, delta: torch.Tensor) -> bool:
+        """A weight's whole change where no LoRA module carries it (a norm, an embedding): kohya's
+        ``.w_norm`` / ``.diff``; peft has no such part."""
+        t = module_of(key)
+        if self.format != "kohya" or t is None or not key.endswith(".weight"):
+            return False
+        self.tensors[f"{t.kohya}.{'w_norm' if layer_type(key) == 'norm' else 'diff'}"] = delta.to(self.dtype)
         return True
 
     def finish(self, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = dict(self.tensors)
         meta = {"format": "pt", **metadata}
         if self.format == "peft":
-            if self.biases:  # peft's lora_bias is all or nothing: the other modules get a zero bias
+            if self.biases:  # lora_bias is all or nothing: the other modules get a zero bias
                 for name in self.ranks:
                     up = tensors[f"{name}.lora_B.weight"]
                     tensors[f"{name}.lora_B.bias"] = self.biases.get(name, torch.zeros(up.shape[0])).to(self.dtype)

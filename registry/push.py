@@ -87,6 +87,7 @@ def push(
     method: str = "gram",
     device: str = "auto",
     ema: bool = True,
+    only: tuple[str, ...] | None = None,
     progress: Progress | None = None,
 ) -> RevisionInfo:
     """Registry.push: see its docstring."""
@@ -99,7 +100,7 @@ def push(
     rule = RankRule.from_options(energy=energy, max_error=max_error, budget=budget, exact=exact)
     chosen = any(v is not None for v in (energy, max_error, budget)) or exact
     progress = progress or quiet
-    with adapters.open_input(reg, path, base) as whole:
+    with adapters.open_input(reg, path, base, only) as whole:
         own = whole if ema else whole.without(EMA_PREFIX)
         ckpt, pushed_model, stored_model = to_base_layout(reg.catalog, own, base)
         with Scan(ckpt, progress) as scan:

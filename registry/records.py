@@ -89,6 +89,7 @@ class RevisionInfo:
     source_digest: str
     source_format: str
     tags: tuple[str, ...] = ()
+    adapter: str | None = None  # the adapter format it was pushed as (kohya, diffusers, svdiff), if one
 
     @property
     def ref(self) -> str:

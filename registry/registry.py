@@ -119,6 +119,7 @@ class Registry:
         method: str = "gram",
         device: str = "auto",
         ema: bool = True,
+        only: tuple[str, ...] | None = None,
         progress: Progress | None = None,
     ) -> RevisionInfo:
         """Compress a fine-tuned checkpoint against its base and record it as a new revision of ``subject``.
@@ -128,9 +129,12 @@ class Registry:
         or ``exact`` (lossless: checkout is bit-identical). An LDM checkpoint's EMA copy
         (``model_ema.*``) is stored against the weights it mirrors; ``ema=False`` leaves it out.
 
-        ``path`` may also be an adapter file (kohya/LyCORIS LoRA and LoCon, diffusers/peft LoRA;
-        docs/adapters.md): it is stored as its base with the adapter merged, its LoRA factors
-        decomposed as given, at ``energy=1`` (its whole rank) unless a rule is named.
+        ``path`` may also be an adapter file (kohya/LyCORIS LoRA and LoCon, diffusers/peft LoRA,
+        XLabs' Flux LoRA, SVDiff; docs/adapters.md), in either layout of the base's family: it is
+        stored as its base with the adapter merged, its LoRA factors decomposed as given, at
+        ``energy=1`` (its whole rank) unless a rule is named. ``only`` keeps the adapter's modules
+        for those models (``"unet"`` or ``"transformer"``, ``"text_encoder"``, ``"text_encoder_2"``),
+        for a file with text-encoder modules pushed against a denoiser-only base.
 
         ``encoding`` (:data:`config.ENCODINGS`): how factors are stored; fp16 by default, mixed
         int8/int4 under a ``budget``.
@@ -139,7 +143,7 @@ class Registry:
 
         return push.push(
             self, path, subject, base=base, energy=energy, max_error=max_error, budget=budget, exact=exact,
-            encoding=encoding, method=method, device=device, ema=ema, progress=progress,
+            encoding=encoding, method=method, device=device, ema=ema, only=only, progress=progress,
         )
 
     def sweep(

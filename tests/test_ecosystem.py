@@ -46,6 +46,11 @@ def test_exported_lora_loaded_by_diffusers_matches_the_checkout(local, pipelines
     for g, e, u in zip(got, expected, untouched):  # UNet and text encoder
         assert _rel(u, e) > 0.01  # the fine-tune moved the output ...
         assert _rel(g, e) < 2e-3  # ... and the LoRA moves it to the checkout's, within fp16 rounding
+    pipe.fuse_lora()  # as users do: merged into the weights, and back out
+    assert all(_rel(g, e) < 2e-3 for g, e in zip(sd_tiny.outputs(pipe), expected))
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert all(_rel(g, u) < 1e-4 for g, u in zip(sd_tiny.outputs(pipe), untouched))
 
     # Rank per layer as stored; conv layers as conv LoRA (down keeps the kernel, up is 1x1).
     stored = {t.key: t.rank for t in local.show(rev.ref).tensors if t.kind == "lowrank"}
@@ -84,31 +89,41 @@ def test_a_plain_export_carries_the_dense_deltas_too(local, pipelines, tmp_path)
 
 def test_full_finetune_lora_lists_what_it_cannot_carry(local, pipelines, tmp_path):
     local.add_base(pipelines.base, "sd-tiny")
-    local.push(pipelines.ft_unet, "dog")
+    local.push(pipelines.ft_unet, "dog", energy=0.8)
     plain = local.export_lora("dog", tmp_path / "plain.safetensors", factors_only=True)
     # Norm scales and biases changed too: 1-D, no LoRA module carries them; they are listed.
     assert plain.left_out and all(k.startswith("unet/") for k in plain.left_out)
     assert any(k.endswith("norm1.weight") for k in plain.left_out) and any(k.endswith(".bias") for k in plain.left_out)
     with safe_open(plain.path, "pt") as f:
         assert json.loads(f.metadata()["dsreg.left_out"]) == list(plain.left_out)
-    # peft by default: bias deltas ride on lora_B.bias; only norm scales/shifts stay out.
-    dense = local.export_lora("dog", tmp_path / "dense.safetensors", format="peft")
-    assert set(dense.left_out) < set(plain.left_out)
-    assert all("norm" in k for k in dense.left_out)
-    lora = load_file(dense.path)
-    assert "unet.down_blocks.0.resnets.0.conv1.lora_B.bias" in lora
-    delta = load_file(pipelines.ft_unet / "unet/diffusion_pytorch_model.safetensors")["down_blocks.0.resnets.0.conv1.bias"] - \
-        load_file(pipelines.base / "unet/diffusion_pytorch_model.safetensors")["down_blocks.0.resnets.0.conv1.bias"]
-    assert _rel(lora["unet.down_blocks.0.resnets.0.conv1.lora_B.bias"].float(), delta) < 2e-3
 
-    pipe = _load(pipelines.base)
-    pipe.load_lora_weights(str(dense.path))  # diffusers accepts the lora_B biases
+    # kohya by default: the rest as LyCORIS names it (ComfyUI, A1111 and LyCORIS read these), the
+    # whole subject; read back, it is the checkout's.
+    whole = local.export_lora("dog", tmp_path / "whole.safetensors")
+    assert whole.left_out == ()
+    names = load_file(whole.path)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.diff_b" in names and "lora_unet_down_blocks_0_resnets_0_norm1.w_norm" in names
+    assert "lora_unet_down_blocks_0_resnets_0_norm1.b_norm" in names
     local.checkout("dog", tmp_path / "dog")
-    expected, _ = sd_tiny.outputs(_load(tmp_path / "dog"))
-    plain_pipe = _load(pipelines.base)
-    plain_pipe.load_lora_weights(str(plain.path))
-    # Carrying the biases brings the output closer to the checkout's than leaving them out.
-    assert _rel(sd_tiny.outputs(pipe)[0], expected) < _rel(sd_tiny.outputs(plain_pipe)[0], expected)
+    local.push(whole.path, "back", base="sd-tiny")
+    local.checkout("back", tmp_path / "back")
+    expected, untouched = sd_tiny.outputs(_load(tmp_path / "dog"))[0], sd_tiny.outputs(_load(pipelines.base))[0]
+    assert _rel(sd_tiny.outputs(_load(tmp_path / "back"))[0], expected) < 2e-3
+
+    # peft: one lora_bias switch for all modules, and the attention projections have no bias, so
+    # the biases stay out and diffusers fuses the file (with lora_B.bias it failed on every layer
+    # without one).
+    dense = local.export_lora("dog", tmp_path / "dense.safetensors", format="peft")
+    assert any(k.endswith(".bias") for k in dense.left_out) and not any(k.endswith("lora_B.bias") for k in load_file(dense.path))
+    pipe = _load(pipelines.base)
+    pipe.load_lora_weights(str(dense.path))
+    pipe.fuse_lora()
+    fused = sd_tiny.outputs(pipe)[0]
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert _rel(sd_tiny.outputs(pipe)[0], untouched) < 1e-4
+    # Carrying all but the biases and norms brings the output most of the way to the checkout's.
+    assert _rel(fused, expected) < 0.5 * _rel(untouched, expected)
 
 
 def test_pipeline_folder_costs_only_the_unet_delta_and_loads_with_from_pretrained(local, pipelines, tmp_path):
@@ -231,7 +246,8 @@ def test_lora_module_names_for_each_key_layout():
     from dsreg.lora import target
 
     ldm_te = target("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", (32, 32))
-    assert ldm_te.kohya == "lora_te_text_model_encoder_layers_0_self_attn_q_proj" and ldm_te.peft is None
+    assert ldm_te.kohya == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert ldm_te.peft == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     assert target("model.diffusion_model.input_blocks.1.1.proj_in.weight", (8, 8, 1, 1)).kohya == "lora_unet_input_blocks_1_1_proj_in"
     assert target("unet/down_blocks.0.resnets.0.conv1.weight", (8, 8, 3, 3)).peft == "unet.down_blocks.0.resnets.0.conv1"
     assert target("text_encoder/text_model.encoder.layers.0.mlp.fc1.weight", (8, 8)).kohya == "lora_te_text_model_encoder_layers_0_mlp_fc1"

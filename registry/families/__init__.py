@@ -67,6 +67,9 @@ class Family:
     # Where the original layout's keys sit in the files its tools load: single-file SD checkpoints
     # (A1111, ComfyUI, diffusers' from_single_file) have the UNet under model.diffusion_model.
     original_prefix: str = ""
+    # Module names that adapter files of the family use beyond either layout's (XLabs' Flux LoRA):
+    # given the diffusers layout's module names, alias -> the diffusers modules it stacks.
+    adapter_aliases: Callable[[Iterable[str]], dict[str, tuple[str, ...]]] | None = None
 
 
 @dataclass(frozen=True)

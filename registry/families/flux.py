@@ -97,4 +97,22 @@ def table(specs: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Piece
     }
 
 
-FAMILY = Family("flux", "Flux.1 transformer", detect, table, "FluxTransformer2DModel")
+def adapter_aliases(modules) -> dict[str, tuple[str, ...]]:
+    """XLabs' Flux LoRA: a processor per block, with LoRAs on the image (1) and text (2) streams'
+    fused qkv and output projections, and in single blocks on q, k, v alone (not the MLP input)
+    and the output."""
+    modules = set(modules)
+    out = {}
+    for i in _blocks(modules, r"transformer_blocks\.(\d+)\."):
+        t, x = f"transformer_blocks.{i}.attn.", f"double_blocks.{i}.processor."
+        out[x + "qkv_lora1"] = (t + "to_q", t + "to_k", t + "to_v")
+        out[x + "qkv_lora2"] = (t + "add_q_proj", t + "add_k_proj", t + "add_v_proj")
+        out[x + "proj_lora1"], out[x + "proj_lora2"] = (t + "to_out.0",), (t + "to_add_out",)
+    for i in _blocks(modules, r"single_transformer_blocks\.(\d+)\."):
+        t, x = f"single_transformer_blocks.{i}.", f"single_blocks.{i}.processor."
+        out[x + "qkv_lora"] = (t + "attn.to_q", t + "attn.to_k", t + "attn.to_v")
+        out[x + "proj_lora"] = (t + "proj_out",)
+    return {alias: members for alias, members in out.items() if all(m in modules for m in members)}
+
+
+FAMILY = Family("flux", "Flux.1 transformer", detect, table, "FluxTransformer2DModel", adapter_aliases=adapter_aliases)
