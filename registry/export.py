@@ -76,6 +76,8 @@ def export_lora(
             return _Change(shape, down, up)
         if entry.kind == "full" or entry.key in grown or entry.key not in base:
             return None
+        if not dense:  # --factors-only: no other change is written
+            return _Change(shape)
         if entry.kind == "sparse" and len(shape) >= 2:
             base_rows = base_tensor(reg, base[entry.key], shape=shape).reshape(shape[0], -1)[stored["rows"]].float()
             down, up = lora.rows_pair(stored["rows"], stored["values"].float() - base_rows, (shape[0], -1))

@@ -3,20 +3,21 @@
 Two key conventions, both with the scale exactly 1:
 
 - ``kohya``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight``. kohya's scripts,
-  AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read it. There are no ``.alpha``
-  entries, which by kohya's convention means alpha = rank, scale 1. Explicit per-module alphas
-  would say the same, but diffusers maps alphas of attention layers to no module and applies them
-  at the most common alpha over the module's own rank.
-  Text-encoder modules are ``lora_te_...``. LDM (single-file) checkpoints keep their CompVis module
-  names, which A1111 and ComfyUI map.
-- ``peft``: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, diffusers' own format, with a
-  ``lora_adapter_metadata`` entry that gives every module ``lora_alpha = r``. Needs diffusers key
-  names (a diffusers folder or pipeline).
+  AUTOMATIC1111 and ComfyUI read it, and diffusers where it has only LoRA parts. There are no
+  ``.alpha`` entries, which by kohya's convention means alpha = rank, scale 1. Explicit per-module
+  alphas would say the same, but diffusers maps alphas of attention layers to no module and applies
+  them at the most common alpha over the module's own rank. Text-encoder modules are
+  ``lora_te_...``. What no LoRA carries goes beside the factors as LyCORIS names it: ``.diff`` (a
+  weight's whole delta), ``.diff_b`` (a bias's), ``.w_norm`` / ``.b_norm`` (a norm layer's).
+- ``peft``: ``unet.<module>`` (``transformer.<module>`` for Flux and SD3) ``.lora_A.weight`` /
+  ``.lora_B.weight``, diffusers' own format, with a ``lora_adapter_metadata`` entry that gives every
+  module ``lora_alpha = r``. Bias deltas ride on ``lora_B.bias`` only where every module with a
+  LoRA has a bias: peft's ``lora_bias`` is one switch, and diffusers cannot fuse it into a layer
+  without one.
 
-Conv layers become conv LoRA: down has the layer's kh x kw kernel, up is 1x1. Changes that no LoRA
-carries (norm scales, biases, embedding tables, integer tensors) are listed as left out; with
-``with_dense``, full-rank pieces carry dense and sparse 2-D deltas exactly, and in ``peft`` a
-layer's bias delta rides on its ``lora_B.bias``.
+Which names a model's modules get in each format (the layout :mod:`export` writes) is decided there;
+this module names a module of the keys it is given. Conv layers become conv LoRA: down has the
+layer's kh x kw kernel, up is 1x1.
 """
 
 from __future__ import annotations
@@ -58,9 +59,6 @@ class Target:
     module: str  # the module's path inside its model, e.g. down_blocks.0.attentions.0.proj_in
     kohya: str  # lora_unet_down_blocks_0_attentions_0_proj_in
     peft: str | None  # unet.down_blocks.0.attentions.0.proj_in; None where the keys are not diffusers'
-
-    def name(self, fmt: str) -> str:
-        return self.kohya if fmt == "kohya" else self.peft
 
 
 def target(key: str, shape: tuple[int, ...]) -> Target | None:
