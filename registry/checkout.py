@@ -232,7 +232,7 @@ def entry_blob(reg, entry: StoredEntry) -> dict[str, torch.Tensor] | None:
         return None
     stored = codec.decode(reg.store.get(entry.blob), entry.raw_size, f"blob of {entry.key!r}")
     if entry.kind == "lowrank":  # one LoRA's factors shared by several tensors: this entry's rows
-        return encodings.shared_part(stored, entry.key)
+        return encodings.shared_part(stored, entry.key, entry.shape[0])
     return spectral.with_svd(reg, stored, entry.key) if entry.kind == "spectral" else stored
 
 

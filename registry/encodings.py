@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .config import ENCODINGS  # noqa: F401 (the names, for callers of this module)
+from .errors import IntegrityError
 
 FLOAT_ENCODINGS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -127,15 +128,16 @@ def _decode_blocks(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return a, torch.cat([tensors[f"blocks.{i}.b"].float() for i in range(len(spans))])
 
 
-def shared_part(tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    """Entry ``key``'s factors from a shared blob (:func:`encode_shared`): its rows of a, and b."""
+def shared_part(tensors: dict[str, torch.Tensor], key: str, rows: int) -> dict[str, torch.Tensor]:
+    """Entry ``key``'s factors from a shared blob (:func:`encode_shared`): its rows of a, and b.
+    A blob that gives the entry no rows, or not ``rows`` of them, is refused: never rebuilt from."""
     if "rows.keys" not in tensors:
         return tensors
     keys = bytes(tensors["rows.keys"].tolist()).decode().split("\n")
-    if key not in keys:
-        raise ValueError(f"shared factor blob has no rows for {key!r}")
-    start, stop = tensors["rows.span"][keys.index(key)].tolist()
-    return {"a": tensors["a"][start:stop], "b": tensors["b"]}
+    span = tensors["rows.span"][keys.index(key)].tolist() if key in keys else None
+    if span is None or span[1] - span[0] != rows:
+        raise IntegrityError(f"the shared factor blob of {key!r} does not hold its {rows} rows")
+    return {"a": tensors["a"][span[0]:span[1]], "b": tensors["b"]}
 
 
 def fold_tucker(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

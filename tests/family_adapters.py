@@ -32,14 +32,20 @@ def pipeline_class(family: str):
     return FluxPipeline if family == "flux" else StableDiffusionXLPipeline
 
 
-def peft_lora(family: str, folder: Path, lora_bias: bool = False) -> Path:
+# The double blocks' projections alone: diffusers' kohya Flux reader cuts a single block's linear1
+# at Flux.1's widths, so a kohya file of the tiny model loads there only without single blocks.
+FLUX_DOUBLE_TARGETS = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)|ff\.net\.0\.proj)"
+
+
+def peft_lora(family: str, folder: Path, lora_bias: bool = False, targets=None) -> Path:
     """diffusers' save_lora_weights of a peft LoRA trained on the tiny model: the folder it writes."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     model = build(family)
     config = LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=True if lora_bias else "gaussian", target_modules=FLUX_TARGETS if family == "flux" else SDXL_TARGETS,
+        r=4, lora_alpha=8, init_lora_weights=True if lora_bias else "gaussian",
+        target_modules=targets or (FLUX_TARGETS if family == "flux" else SDXL_TARGETS),
         lora_bias=lora_bias,
     )
     torch.manual_seed(0)  # peft's gaussian init of lora_A

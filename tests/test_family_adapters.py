@@ -21,7 +21,7 @@ from dsreg.errors import CheckpointError
 from dsreg.names import Ref
 
 from .conftest import snapshot
-from .family_adapters import diffusers_merge, kohya_flux, kohya_sdxl, lycoris_lora, peft_lora, xlabs_flux
+from .family_adapters import FLUX_DOUBLE_TARGETS, diffusers_merge, kohya_flux, kohya_sdxl, lycoris_lora, peft_lora, xlabs_flux
 from .family_models import build, in_layout, state
 
 pytest.importorskip("diffusers")
@@ -39,6 +39,7 @@ def family_adapter_files(tmp_path_factory):
         save_file(in_layout(state(model), "original"), d / f"{family}-base-original.safetensors")
     files["flux-peft"] = peft_lora("flux", d / "flux-peft")  # the folder save_lora_weights writes
     files["flux-peft-bias"] = peft_lora("flux", d / "flux-peft-bias", lora_bias=True)  # a control LoRA's lora_B.bias
+    files["flux-peft-double"] = peft_lora("flux", d / "flux-peft-double", targets=FLUX_DOUBLE_TARGETS)
     files["sdxl-peft"] = peft_lora("unet", d / "sdxl-peft")
     files["sdxl-kohya"] = kohya_sdxl(d / "sdxl-peft", d / "sdxl-kohya.safetensors")
     files["flux-xlabs"] = xlabs_flux(d / "flux-xlabs.safetensors")
@@ -157,8 +158,8 @@ def _records(sd: dict) -> dict[str, BaseTensor]:
 
 
 def test_kohya_and_xlabs_flux_names_read_as_diffusers_reads_them_at_full_width(tmp_path):
-    """diffusers' kohya Flux converter cuts at Flux.1's width (3072), so a tiny model cannot show
-    it: compare the changes per diffusers module at full width, rank 2, on shapes alone."""
+    """diffusers' kohya Flux converter cuts linear1 at Flux.1's widths (3072, 12288), so a tiny
+    model cannot show it: compare the changes per diffusers module at full width, rank 2, on shapes alone."""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_flux_lora_to_diffusers
 
@@ -269,7 +270,8 @@ def test_push_from_the_command_line_reads_a_lora_folder_and_names_what_it_left_o
 def test_export_writes_each_format_in_its_loaders_layout_and_diffusers_fuses_peft(family_adapter_files, tmp_path, layout):
     """kohya names are BFL's (fused qkv, linear1), peft's diffusers' (split), whatever the base's
     layout; diffusers loads, fuses and unfuses the peft file to the checkout; the kohya file, read
-    back, is the same subject (diffusers' kohya Flux converter assumes Flux.1's width)."""
+    back, is the same subject (diffusers' kohya Flux converter cuts linear1 at Flux.1's widths: a
+    tiny subject's double blocks alone go through it, below)."""
     d, files = family_adapter_files
     base = state(build("flux"))
     with Registry.open(home=tmp_path / "reg") as reg:
@@ -287,6 +289,20 @@ def test_export_writes_each_format_in_its_loaders_layout_and_diffusers_fuses_pef
         assert all(torch.allclose(unfused[k], base[k], rtol=0, atol=1e-6) for k in base)
         reg.push(kohya.path, "back", base="b")
         _close(_checked_out(reg, "back", tmp_path), checkout, base, 2e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_kohya_flux_export_loads_and_fuses_in_diffusers(family_adapter_files, tmp_path, layout):
+    """Split q, k, v LoRAs exported in kohya's fused names (a block-diagonal up: sd-scripts'
+    split_qkv form), read by diffusers' kohya Flux converter, fuse to the checkout."""
+    d, files = family_adapter_files
+    base = state(build("flux"))
+    with Registry.open(home=tmp_path / "reg") as reg:
+        reg.add_base(_base(d, "flux", layout), "b")
+        reg.push(files["flux-peft-double"], "s")
+        kohya = reg.export_lora("s", tmp_path / "kohya.safetensors", format="kohya")
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in load_file(kohya.path) and kohya.left_out == ()
+        _close(diffusers_merge("flux", kohya.path), _checked_out(reg, "s", tmp_path), base, 2e-3)
 
 
 def _unfused(family: str, lora) -> dict:
