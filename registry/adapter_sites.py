@@ -19,7 +19,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from . import families, unet_names
+from . import encodings, families, unet_names
 from .catalog import BaseTensor
 from .checkpoint import TensorSpec
 from .errors import CheckpointError
@@ -150,15 +150,9 @@ def combine(key: str, shape: tuple[int, ...], parts: list[Part]):
     if len(parts) == 1 and parts[0].start == 0 and parts[0].stop == rows:
         return parts[0].update
     if all(isinstance(p.update, LowRankUpdate) for p in parts):
-        rank = sum(p.update.down.shape[0] for p in parts)
-        up = torch.zeros(rows, rank)
-        column = 0
-        for p in parts:
-            r = p.update.down.shape[0]
-            up[p.start:p.stop, column:column + r] = p.update.up * p.update.scale
-            column += r
         blocks = tuple((p.start, p.stop, p.update.up * p.update.scale, p.update.down) for p in parts)
-        return LowRankUpdate(up, torch.cat([p.update.down for p in parts]), 1.0, blocks=blocks)
+        up = encodings.block_diagonal(rows, [(start, stop, up) for start, stop, up, _ in blocks])
+        return LowRankUpdate(up, torch.cat([down for _, _, _, down in blocks]), 1.0, blocks=blocks)
     value = torch.zeros(rows, *(shape[1:] if shape else ()))
     for p in parts:
         value[p.start:p.stop] = p.update.delta((p.stop - p.start, *value.shape[1:]))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -354,8 +355,9 @@ def _missing(modules: list[str], adapter: Adapter) -> str:
     by_model: dict[str, list[str]] = {}
     for m in modules:
         by_model.setdefault(model_of(m), []).append(m)
-    fits = {model_of(m) for m in adapter.modules} - {m for m, names in by_model.items() if len(names) == sum(model_of(x) == m for x in adapter.modules)}
-    whole = [m for m in by_model if m not in fits]
+    total = Counter(model_of(m) for m in adapter.modules)
+    whole = [m for m, names in by_model.items() if len(names) == total[m]]  # models none of whose modules fit
+    fits = set(total) - set(whole)
     if fits and whole:
         lacks = ", ".join(f"{len(by_model[m])} {m} modules (e.g. {by_model[m][0]})" for m in whole)
         keep = " ".join(f"--only {m}" for m in sorted(fits))

@@ -116,16 +116,23 @@ def encode_blocks(blocks, rows: int, encoding: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def block_diagonal(rows: int, blocks) -> torch.Tensor:
+    """The up of several LoRAs on row blocks of one tensor: ``rows`` x their ranks together, each
+    block's up (``(first row, past the last, up)``) at its rows and after the earlier blocks'
+    columns, zero elsewhere."""
+    a = torch.zeros(rows, sum(up.shape[1] for _, _, up in blocks))
+    column = 0
+    for start, stop, up in blocks:
+        a[start:stop, column:column + up.shape[1]] = up
+        column += up.shape[1]
+    return a
+
+
 def _decode_blocks(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) of :func:`encode_blocks`: a is block-diagonal, its blocks at their rows; b the downs stacked."""
     spans = tensors["blocks.span"].tolist()
-    ups = [tensors[f"blocks.{i}.a"].float() for i in range(len(spans))]
-    a = torch.zeros(int(tensors["blocks.rows"]), sum(u.shape[1] for u in ups))
-    column = 0
-    for (start, stop), up in zip(spans, ups):
-        a[start:stop, column:column + up.shape[1]] = up
-        column += up.shape[1]
-    return a, torch.cat([tensors[f"blocks.{i}.b"].float() for i in range(len(spans))])
+    ups = [(start, stop, tensors[f"blocks.{i}.a"].float()) for i, (start, stop) in enumerate(spans)]
+    return block_diagonal(int(tensors["blocks.rows"]), ups), torch.cat([tensors[f"blocks.{i}.b"].float() for i in range(len(spans))])
 
 
 def shared_part(tensors: dict[str, torch.Tensor], key: str, rows: int) -> dict[str, torch.Tensor]:
